@@ -1,0 +1,89 @@
+// Row primitives shared by the CPU log-prob kernels (logprobs, spa_logprobs): a blockwise online log-sum-exp and
+// the softmax-gradient row writer. Header-only so each op's .cpp reads top to bottom with its own entry points.
+#pragma once
+
+#include "../common.h"
+
+namespace spa {
+
+// Online log-sum-exp works on blocks of kBlock elements: one sweep takes the block max, a second sweep (the block
+// is still in L1: 4 KiB of float32) adds exp(x - running_max). The row is read from memory once.
+constexpr int64_t kBlock = 1024;
+
+template <typename A>
+struct OnlineLSE {
+  A m = -std::numeric_limits<A>::infinity();
+  A s = 0;
+  // Raise the running max to at least `block_max`; returns false when everything so far is -inf (nothing to add).
+  inline bool raise(A block_max) {
+    if (block_max > m) {
+      s *= std::exp(m - block_max);  // m == -inf -> s == 0 and exp(-inf) == 0
+      m = block_max;
+    }
+    return m != -std::numeric_limits<A>::infinity();
+  }
+  inline A value() const {
+    return m + std::log(s);  // all -inf -> -inf + log(0) = -inf, as torch.logsumexp
+  }
+};
+
+template <typename scalar_t>
+struct RowOps {
+  using A = acc_t<scalar_t>;
+  using Vec = at::vec::Vectorized<A>;
+  using IO = VecIO<scalar_t>;
+  static constexpr int64_t W = Vec::size();
+
+  static inline A max_scaled(const scalar_t* x, int64_t len, A scale) {
+    Vec vm(-std::numeric_limits<A>::infinity());
+    const Vec vscale(scale);
+    int64_t i = 0;
+    for (; i + W <= len; i += W) vm = at::vec::maximum(vm, IO::load(x + i) * vscale);
+    A m = horizontal_max(vm);
+    for (; i < len; ++i) {
+      const A v = static_cast<A>(x[i]) * scale;
+      m = v > m ? v : m;
+    }
+    return m;
+  }
+
+  static inline A sum_exp_scaled(const scalar_t* x, int64_t len, A scale, A shift) {
+    Vec vs(0);
+    const Vec vscale(scale), vshift(shift);
+    int64_t i = 0;
+    for (; i + W <= len; i += W) vs = vs + (IO::load(x + i) * vscale - vshift).exp();
+    A s = horizontal_sum(vs);
+    for (; i < len; ++i) s += std::exp(static_cast<A>(x[i]) * scale - shift);
+    return s;
+  }
+
+  // logsumexp(x * scale) over a row of V elements, reading the row once.
+  static inline A logsumexp(const scalar_t* x, int64_t V, A scale) {
+    OnlineLSE<A> acc;
+    for (int64_t b = 0; b < V; b += kBlock) {
+      const int64_t len = std::min(kBlock, V - b);
+      if (!acc.raise(max_scaled(x + b, len, scale))) continue;
+      acc.s += sum_exp_scaled(x + b, len, scale, acc.m);
+    }
+    return acc.value();
+  }
+
+  // gx = g * scale * (onehot(label) - softmax(x * scale)); gx may alias x (in-place backward).
+  static inline void softmax_grad_row(const scalar_t* x, scalar_t* gx, int64_t V, A scale, A lse, A g,
+                                      int64_t label) {
+    const A z_label = static_cast<A>(x[label]) * scale;  // read before an in-place write overwrites it
+    const Vec vscale(scale), vlse(lse), vcoef(-g * scale);
+    int64_t i = 0;
+    for (; i + W <= V; i += W) IO::store(gx + i, vcoef * (IO::load(x + i) * vscale - vlse).exp());
+    for (; i < V; ++i) gx[i] = static_cast<scalar_t>(-g * scale * std::exp(static_cast<A>(x[i]) * scale - lse));
+    // The label term in acc precision, rounded once (for bf16 this is where the gradient signal lives).
+    gx[label] = static_cast<scalar_t>(g * scale * (A(1) - std::exp(z_label - lse)));
+  }
+};
+
+// Rows are walked in parallel; each covers V elements, so small V gets several rows per task.
+inline int64_t row_grain(int64_t V) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1));
+}
+
+}  // namespace spa

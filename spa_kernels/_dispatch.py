@@ -1,0 +1,148 @@
+"""Choosing an implementation ("torch", "cpu", "triton", "cuda") for one call of one op.
+
+Each op lives in spa_kernels/ops/<op>/ with one module per backend: reference.py ("torch"), cpu.py, triton.py,
+cuda.py. A backend module may define `supports(**tensors) -> str | None` (None = supported, else the reason);
+the device/dtype rules every backend shares are checked here. `impl="auto"` takes the first usable backend in
+the order for the tensors' device; SPA_KERNELS_IMPL=<name> replaces "auto" (an explicit impl= argument wins).
+Naming an implementation that cannot run raises ValueError with the reasons and what is usable instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from functools import lru_cache
+from types import ModuleType
+
+import torch
+
+from . import _ext
+
+IMPLS = ("torch", "cpu", "triton", "cuda")
+_MODULE = {"torch": "reference", "cpu": "cpu", "triton": "triton", "cuda": "cuda"}
+_DTYPES = {
+    "torch": (torch.float64, torch.float32, torch.bfloat16, torch.float16),
+    "cpu": (torch.float64, torch.float32, torch.bfloat16, torch.float16),
+    "triton": (torch.float32, torch.bfloat16, torch.float16),
+    "cuda": (torch.float32, torch.bfloat16, torch.float16),
+}
+# "auto" on CPU tensors. Triton is never picked automatically on the CPU: its interpreter is for testing only.
+AUTO_ORDER_CPU = ("cpu", "torch")
+# "auto" on CUDA tensors, per op; ops not listed use the default. spa_kernels.autotune may refine this table from
+# measurements on the GPU in hand.
+AUTO_ORDER_CUDA_DEFAULT = ("triton", "cuda", "torch")
+AUTO_ORDER_CUDA: dict[str, tuple[str, ...]] = {}
+
+
+def _triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@lru_cache(maxsize=None)
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any import failure makes triton unavailable
+        return f"triton is not importable ({type(e).__name__}: {e})"
+    return None
+
+
+def impl_unavailable_reason(impl: str) -> str | None:
+    """None if `impl` can run in this process at all (for some device), else why not."""
+    if impl == "torch":
+        return None
+    if impl == "cpu":
+        return _ext.cpu_unavailable_reason()
+    if impl == "cuda":
+        return _ext.cuda_unavailable_reason()
+    if impl == "triton":
+        err = _triton_import_error()
+        if err:
+            return err
+        if not torch.cuda.is_available() and not _triton_interpret():
+            return "no CUDA device is visible to torch (set TRITON_INTERPRET=1 to run Triton kernels on the CPU)"
+        return None
+    return f"unknown implementation {impl!r}; expected one of {IMPLS}"
+
+
+def available_impls() -> set[str]:
+    """The implementations usable in this process, e.g. {"torch", "cpu", "triton", "cuda"}."""
+    return {name for name in IMPLS if impl_unavailable_reason(name) is None}
+
+
+def _backend_module(op: str, impl: str) -> tuple[ModuleType | None, str | None]:
+    name = f"spa_kernels.ops.{op}.{_MODULE[impl]}"
+    try:
+        return importlib.import_module(name), None
+    except ModuleNotFoundError as e:
+        if e.name == name:
+            return None, f"there is no {impl} implementation of {op}"
+        return None, f"{name} could not be imported ({e})"
+    except ImportError as e:
+        return None, f"{name} could not be imported ({e})"
+
+
+def _device_dtype_reason(impl: str, tensors: dict[str, torch.Tensor | None]) -> str | None:
+    for tname, t in tensors.items():
+        if t is None or not t.is_floating_point():
+            continue
+        if t.dtype not in _DTYPES[impl]:
+            return f"{tname} has dtype {t.dtype}, {impl} supports {', '.join(str(d) for d in _DTYPES[impl])}"
+    for tname, t in tensors.items():
+        if t is None:
+            continue
+        dev = t.device.type
+        if impl == "cpu" and dev != "cpu":
+            return f"{tname} is on {t.device}, the cpu implementation needs CPU tensors"
+        if impl == "cuda" and dev != "cuda":
+            return f"{tname} is on {t.device}, the cuda implementation needs CUDA tensors"
+        if impl == "triton" and dev != "cuda" and not (dev == "cpu" and _triton_interpret()):
+            return f"{tname} is on {t.device}, the triton implementation needs CUDA tensors (or TRITON_INTERPRET=1)"
+    return None
+
+
+def unusable_reason(op: str, impl: str, tensors: dict[str, torch.Tensor | None], **options) -> str | None:
+    """None if `impl` can run `op` on these tensors, else why not."""
+    reason = impl_unavailable_reason(impl)
+    if reason:
+        return reason
+    reason = _device_dtype_reason(impl, tensors)
+    if reason:
+        return reason
+    module, reason = _backend_module(op, impl)
+    if module is None:
+        return reason
+    supports = getattr(module, "supports", None)
+    return supports(**tensors, **options) if supports is not None else None
+
+
+def auto_order(op: str, device: torch.device) -> tuple[str, ...]:
+    if device.type == "cuda":
+        return AUTO_ORDER_CUDA.get(op, AUTO_ORDER_CUDA_DEFAULT)
+    return AUTO_ORDER_CPU
+
+
+def resolve(op: str, impl: str, tensors: dict[str, torch.Tensor | None], **options) -> tuple[str, ModuleType]:
+    """Returns (implementation name, backend module) for this call, or raises ValueError saying why not."""
+    if impl == "auto":
+        impl = os.environ.get("SPA_KERNELS_IMPL", "auto").strip() or "auto"
+        if impl != "auto" and impl not in IMPLS:
+            raise ValueError(f"SPA_KERNELS_IMPL={impl!r} is not one of {('auto',) + IMPLS}")
+    if impl != "auto" and impl not in IMPLS:
+        raise ValueError(f"impl={impl!r} is not one of {('auto',) + IMPLS}")
+    device = next((t.device for t in tensors.values() if t is not None), torch.device("cpu"))
+    if impl != "auto":
+        reason = unusable_reason(op, impl, tensors, **options)
+        if reason is not None:
+            usable = [n for n in IMPLS if unusable_reason(op, n, tensors, **options) is None]
+            raise ValueError(f"impl={impl!r} cannot run {op} here: {reason}. Usable for these inputs: "
+                             f"{', '.join(usable) or 'none'} (or impl='auto')")
+        return impl, _backend_module(op, impl)[0]
+    reasons = {}
+    for name in auto_order(op, device):
+        reason = unusable_reason(op, name, tensors, **options)
+        if reason is None:
+            return name, _backend_module(op, name)[0]
+        reasons[name] = reason
+    raise ValueError(f"no implementation can run {op} on these inputs: "
+                     + "; ".join(f"{k}: {v}" for k, v in reasons.items()))

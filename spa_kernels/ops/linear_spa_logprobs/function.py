@@ -1,0 +1,41 @@
+"""Chunked SPA triple log-probs from hidden states over a kernel backend (cpu / cuda paths).
+
+Forward: per chunk of tokens, policy and reference logits by ATen matmul, then the backend's one-pass SPA kernel.
+Backward: identical to linear_logprobs' (only the policy logits carry a gradient), so it is reused.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..._validation import acc_dtype
+from ..linear_logprobs.function import _NO_IGNORE, chunk_logits, chunked_linear_backward
+from ..logprobs.function import backend
+
+
+class ChunkedLinearSpaLogprobsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lam: float, chunk: int,
+                impl: str):
+        kernels = backend("spa_logprobs", impl)
+        M = hidden.shape[0]
+        dt = acc_dtype(hidden.dtype)
+        token, lse, ref, ext = (hidden.new_empty(M, dtype=dt) for _ in range(4))
+        for s in range(0, M, chunk):
+            sl = slice(s, s + chunk)
+            z = chunk_logits(hidden[sl], weight, bias).unsqueeze(0)
+            zr = chunk_logits(ref_hidden[sl], ref_weight, ref_bias).unsqueeze(0)
+            t, l, r, e = kernels.forward(z, zr, labels[sl].unsqueeze(0), _NO_IGNORE, lam)
+            token[sl], lse[sl], ref[sl], ext[sl] = t[0], l[0], r[0], e[0]
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.args = (chunk, impl)
+        ctx.mark_non_differentiable(ref, ext)
+        return token, ref, ext
+
+    @staticmethod
+    def backward(ctx, grad_token, _grad_ref, _grad_ext):
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        chunk, impl = ctx.args
+        grads = chunked_linear_backward(backend("spa_logprobs", impl), grad_token, hidden, weight, bias, labels, lse,
+                                        1.0, chunk, ctx.needs_input_grad[:3])
+        return (*grads, None, None, None, None, None, None, None)
