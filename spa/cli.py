@@ -1,0 +1,87 @@
+"""The `spa` command.
+
+    spa demo [--quick] [--seeds 0 1 2] [--dir DIR]           the built-in offline task, whole loop, results table
+    spa run CONFIG.yaml [--set section.key=value ...]        the SPA loop; rerun to resume after an interruption
+    spa sft CONFIG.yaml                                      single stages, same config keys
+    spa generate | judge | train CONFIG.yaml --iteration I
+    spa eval CONFIG.yaml (--iteration I | --sft)
+    spa config [CONFIG.yaml]                                 print the resolved config (defaults + file + --set)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .config import Config, ConfigError
+from .data import DataError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spa", description="Self-annotated preference alignment (SPA).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(name, help, config_required=True):
+        sp = sub.add_parser(name, help=help)
+        sp.add_argument("config", nargs=None if config_required else "?", help="YAML config file")
+        sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value (repeatable), e.g. --set train.beta=0.2")
+        return sp
+
+    sp = with_config("run", "the whole loop: [sft] -> seed DPO -> iterations (generate, judge, train, eval)")
+    sp.add_argument("--until", metavar="STAGE", help="stop after this stage, e.g. iter_1/judge")
+    with_config("sft", "supervised fine-tuning (sft.data) into output_dir/sft/model")
+    for name, help in (("generate", "K samples per prompt from the previous iteration's model"),
+                       ("judge", "self-judgment: pairs from the iteration's samples"),
+                       ("train", "DPO (iteration 0: on the seed) / SPA training of an iteration")):
+        sp = with_config(name, help)
+        sp.add_argument("--iteration", type=int, required=True, help="0 = seed DPO (train only), 1.. = SPA")
+    sp = with_config("eval", "oracle win rate vs SFT, score, length, implicit-reward accuracy")
+    g = sp.add_mutually_exclusive_group(required=True)
+    g.add_argument("--iteration", type=int)
+    g.add_argument("--sft", action="store_true", help="evaluate pi_init (the baseline)")
+    with_config("config", "print the resolved config", config_required=False)
+    sp = sub.add_parser("demo", help="the built-in offline task end to end (3 seeds; --quick: 1 seed, shorter)")
+    sp.add_argument("--quick", action="store_true", help="one seed, two SPA iterations (a few minutes on a CPU)")
+    sp.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default: 0 1 2, or 0 with --quick)")
+    sp.add_argument("--dir", help="demo folder (default ~/.cache/spa/demo or $SPA_CACHE/demo)")
+    sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a value of the demo config")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s spa %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    from . import loop  # heavy imports (torch, transformers) after argument parsing
+
+    try:
+        if args.command == "demo":
+            from .tasks.demo import run_demo
+
+            run_demo(quick=args.quick, seeds=args.seeds, folder=args.dir, overrides=args.overrides)
+            return 0
+        cfg = Config.load(args.config, args.overrides) if args.config else Config.from_dict({}, args.overrides)
+        if args.command == "config":
+            print(cfg.to_yaml(), end="")
+            return 0
+        if args.command == "run":
+            loop.run(cfg, until=args.until)
+            return 0
+        if args.command == "sft":
+            name = "sft"
+        elif args.command == "eval":
+            name = "sft/eval" if args.sft else f"iter_{args.iteration}/eval"
+        else:
+            name = f"iter_{args.iteration}/{args.command}"
+        loop.check_config(cfg)
+        loop.run_stage(cfg, loop.stage_by_name(cfg, name))
+        return 0
+    except (ConfigError, DataError, loop.ConfigMismatch) as e:
+        print(f"spa: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

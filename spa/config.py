@@ -1,0 +1,425 @@
+"""The run configuration: one YAML file <-> typed dataclasses, with `section.key=value` overrides.
+
+    cfg = Config.load("config.yaml", overrides=["train.beta=0.2", "loop.iterations=2"])
+
+Defaults are the SPA paper's settings (Kim et al., ICLR 2025: K=2 samples at temperature 0.7, beta 0.1, lr 5e-7
+with cosine decay and 10% warm-up, seed DPO for 3 epochs, 1 epoch per iteration, lam 1/2, 1/4, 1/8, refinement
+K=10%, alpha 0.1, 20% warm-up, a window of 50 margins, batch 32). Unknown keys, wrong types and out-of-range
+values raise ConfigError naming the key (and the file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+__all__ = ["Config", "ConfigError", "ModelConfig", "SFTConfig", "DataConfig", "GenerateConfig", "JudgeConfig",
+           "SelectConfig", "RefineConfig", "TrainConfig", "LoopConfig", "EvalConfig"]
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message names the key (section.key) and, when loaded from a file, the file."""
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str | None = _f(None, "the SFT model pi_init: a hub name or a local save_pretrained folder "
+                                        "(with sft.enabled the SFT stage's output replaces it)")
+    tokenizer: str | None = _f(None, "tokenizer name or folder (default: name_or_path)")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = _f("float32", "weights' dtype when loaded")
+    device: str = _f("auto", "'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+    attn_implementation: str | None = _f(None, "passed to from_pretrained (e.g. 'sdpa', 'flash_attention_2')")
+    trust_remote_code: bool = _f(False, "passed to from_pretrained")
+
+
+@dataclass
+class SFTConfig:
+    enabled: bool = _f(False, "run the SFT stage first in `spa run` (its model becomes pi_init)")
+    data: str | None = _f(None, "demonstrations: JSONL/JSON path or datasets name (prompt + response/completion, "
+                                "or messages ending with an assistant turn)")
+    split: str = _f("train", "split for a datasets name")
+    from_scratch: dict[str, Any] | None = _f(None, "initialise a new model instead of loading model.name_or_path: "
+                                                  "config kwargs, e.g. {model_type: llama, hidden_size: 64, ...}")
+    epochs: float = _f(1.0, "training epochs")
+    max_steps: int = _f(-1, "stop after this many optimizer steps (-1: use epochs)")
+    learning_rate: float = _f(2e-5, "peak learning rate")
+    lr_scheduler_type: str = _f("cosine", "transformers scheduler name")
+    warmup_ratio: float = _f(0.1, "fraction of steps with linear warm-up")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    batch_size: int = _f(32, "sequences per optimizer step (per device x gradient accumulation)")
+    max_length: int = _f(1024, "tokens per demonstration (prompt + response); longer ones are truncated at the end")
+
+
+@dataclass
+class DataConfig:
+    seed: str | None = _f(None, "gold-labelled seed preferences: JSONL/JSON path or datasets name")
+    seed_split: str = _f("train_prefs", "split for a datasets name")
+    seed_size: float = _f(0.033, "seed pairs taken (seeded shuffle): a fraction (<= 1) of data.seed or a count")
+    prompts: str | None = _f(None, "unlabelled prompt pool for the iterations (default: the prompts of data.seed "
+                                   "not taken into the seed)")
+    prompts_split: str = _f("train_prefs", "split for a datasets name")
+    iteration_prompts: list[float] = _f([8000, 20000, 30000], "prompts per iteration, disjoint slices of the "
+                                                              "shuffled pool: counts, or fractions (<= 1) of it")
+    max_prompt_length: int = _f(512, "prompt tokens (chat template applied) allowed")
+    long_prompts: Literal["skip", "truncate"] = _f("skip", "a longer prompt is skipped, or truncated keeping its "
+                                                          "last max_prompt_length tokens; counted either way")
+    skip_invalid: bool = _f(False, "skip and count malformed rows instead of stopping at the first one")
+    chat_template: str | None = _f(None, "jinja chat template overriding the tokenizer's (null: the tokenizer's; "
+                                         "'none': plain text prompts)")
+
+
+@dataclass
+class GenerateConfig:
+    num_samples: int = _f(2, "responses per prompt (K)")
+    temperature: float = _f(0.7, "sampling temperature")
+    top_p: float = _f(1.0, "nucleus sampling")
+    max_new_tokens: int = _f(300, "response length limit")
+    batch_size: int = _f(64, "prompts per generate() call (each with num_samples sequences)")
+    shard_size: int = _f(512, "prompts per resumable shard")
+
+
+@dataclass
+class JudgeConfig:
+    type: Literal["implicit", "contrastive", "reward_model", "llm"] = _f(
+        "implicit", "implicit: SPA's beta*(log pi_{i-1} - log pi_init); contrastive: DLMA's self-reward; "
+                    "reward_model: an HF sequence-classification model; llm: LLM-as-judge")
+    beta: float = _f(0.1, "beta of the implicit reward")
+    length_penalty: float = _f(0.0, "DICE-style length regularisation: score - length_penalty * response tokens")
+    batch_size: int = _f(32, "sequences per forward pass")
+    model: str | None = _f(None, "reward_model / llm judges: the judging model (default for llm: pi_{i-1})")
+    positive_prompt: str = _f("{prompt} (giving a helpful response)", "contrastive: the positive prompt p+")
+    negative_prompt: str = _f("{prompt} (giving an unhelpful response)", "contrastive: the negative prompt p-")
+    llm_template: str = _f(
+        "Question: {prompt}\nResponse A: {a}\nResponse B: {b}\nWhich response is better, A or B? Answer:",
+        "llm: the pairwise judging prompt (placeholders {prompt}, {a}, {b})")
+    llm_choices: list[str] = _f([" A", " B"], "llm: the two answer strings whose log-probs are compared")
+
+
+@dataclass
+class SelectConfig:
+    strategy: Literal["minmax", "easy", "hard", "random", "centroid"] = _f(
+        "minmax", "which pair of the K responses becomes the training pair: minmax (SPA: highest vs lowest "
+                  "judge score), REAL's easy (least similar), hard (most similar), random, centroid (2-means)")
+
+
+@dataclass
+class RefineConfig:
+    enabled: bool = _f(True, "SPA's self-refinement loss in the iterations")
+    dnd: bool = _f(True, "de-coupled noise detection: judge noise from the extrapolated logits")
+    lam: list[float] = _f([0.5, 0.25, 0.125], "extrapolation coefficient per iteration (the last one repeats)")
+    percentile: float = _f(10.0, "a pair is noisy when its margin is at or below this percentile (K) of the window")
+    window: int = _f(50, "recent margins kept for the running percentile")
+    alpha: float = _f(0.1, "label-flip weight a of noisy pairs")
+    warmup_ratio: float = _f(0.2, "a = 0 during this fraction of an iteration's steps")
+
+
+@dataclass
+class TrainConfig:
+    beta: float = _f(0.1, "DPO beta")
+    learning_rate: float = _f(5e-7, "peak learning rate")
+    lr_scheduler_type: str = _f("cosine", "transformers scheduler name")
+    warmup_ratio: float = _f(0.1, "fraction of steps with linear warm-up")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    seed_epochs: float = _f(3.0, "epochs of DPO on the seed (iteration 0)")
+    epochs: float = _f(1.0, "epochs per SPA iteration")
+    batch_size: int = _f(32, "pairs per optimizer step (per device x devices x gradient accumulation)")
+    per_device_batch_size: int | None = _f(None, "pairs per forward pass (default: batch_size, i.e. no "
+                                                 "accumulation)")
+    max_length: int = _f(1024, "tokens per sequence (prompt + response); longer responses are truncated")
+    iteration_loss: Literal["spa", "sigmoid", "dlma"] = _f(
+        "spa", "loss in iterations >= 1: spa (with refine.enabled, else plain DPO), sigmoid (DPO), dlma (needs the "
+               "contrastive judge's scores)")
+    dlma_gamma: float = _f(0.2, "dlma: margin = gamma * clamp(R_chosen - R_rejected, -40, 40)")
+    kernel_impl: str = _f("auto", "spa_kernels implementation: auto, torch, cpu, triton, cuda")
+    bf16: bool = _f(False, "bf16 mixed precision (transformers)")
+    gradient_checkpointing: bool = _f(False, "transformers gradient checkpointing")
+    save_steps: int = _f(100, "checkpoint every this many steps (a killed run resumes from the last one)")
+    logging_steps: int = _f(10, "log every this many steps")
+    report_to: list[str] = _f(["none"], "transformers report_to: none, tensorboard, wandb, ...")
+    deepspeed: str | None = _f(None, "DeepSpeed config file (transformers)")
+    fsdp: str | None = _f(None, "FSDP options string (transformers), e.g. 'full_shard auto_wrap'")
+    trainer_args: dict[str, Any] = _f({}, "any further transformers.TrainingArguments fields")
+
+
+@dataclass
+class LoopConfig:
+    iterations: int = _f(3, "SPA iterations after the seed DPO")
+
+
+@dataclass
+class EvalConfig:
+    oracle: str | None = _f(None, "gold oracle 'module:function', called as function(prompt, response) -> float")
+    prompts: str | None = _f(None, "held-out prompts (JSONL/JSON path or datasets name)")
+    prompts_split: str = _f("test_prefs", "split for a datasets name")
+    pairs: str | None = _f(None, "held-out gold pairs for the implicit-reward accuracy")
+    pairs_split: str = _f("test_prefs", "split for a datasets name")
+    max_prompts: int | None = _f(None, "use at most this many held-out prompts / pairs")
+    num_samples: int = _f(1, "responses per held-out prompt and model")
+    temperature: float = _f(0.7, "sampling temperature for evaluation (0: greedy)")
+    max_new_tokens: int | None = _f(None, "default: generate.max_new_tokens")
+
+
+@dataclass
+class Config:
+    output_dir: str = _f("runs/spa", "the run directory (see docs/trainer.md for its layout)")
+    seed: int = _f(42, "seeds torch, random, numpy, sampling and data order")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        _validate(self)
+
+    # --- loading ---------------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict | None, overrides: list[str] | None = None, source: str | None = None) -> Config:
+        data = {} if data is None else data
+        where = f" in {source}" if source else ""
+        if not isinstance(data, dict):
+            raise ConfigError(f"the configuration{where} must be a mapping of sections, got {type(data).__name__}")
+        data = json.loads(json.dumps(data))  # a deep copy of plain values
+        for item in overrides or []:
+            _apply_override(data, item)
+        try:
+            return _build(cls, data, "", where)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{e}{where}") from None
+
+    @classmethod
+    def load(cls, path: str, overrides: list[str] | None = None) -> Config:
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        return cls.from_dict(data, overrides, source=path)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, **overrides: Any) -> Config:
+        """A copy with `section.key` (or top-level key) values replaced: cfg.replace(**{"train.beta": 0.2})."""
+        return Config.from_dict(self.to_dict(), [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+
+    def fingerprint(self) -> str:
+        """Hash of the settings that determine a run's results (output_dir excluded: a moved run still resumes)."""
+        d = self.to_dict()
+        d.pop("output_dir")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """'key: old -> new' for every (dotted) key whose value differs between two config dicts."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+    return out
+
+
+# --- parsing helpers ------------------------------------------------------------------------------------------
+
+def _apply_override(data: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({e})") from None
+    parts = key.split(".")
+    node = data
+    for i, p in enumerate(parts[:-1]):
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {item!r}: {'.'.join(parts[:i + 1])} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _suggest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _build(cls, data: dict, prefix: str, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'the configuration'} must be a mapping{where}, "
+                          f"got {type(data).__name__}: {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            raise ConfigError(f"unknown key {prefix}{key}{where}{_suggest(str(key), fields)}; "
+                              f"valid keys: {', '.join(fields)}")
+    kwargs = {}
+    for key, value in data.items():
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value if value is not None else {}, f"{prefix}{key}.", where)
+        else:
+            kwargs[key] = _coerce(value, tp, f"{prefix}{key}", where)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{e}{where}") from None
+
+
+def _coerce(value, tp, key: str, where: str):
+    """value checked (and converted where lossless: int -> float, '5e-7' -> float) against the annotation tp."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    bad = lambda: ConfigError(f"{key} must be {_type_name(tp)}{where}, got {type(value).__name__}: {value!r}")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise bad()
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key} must be one of {list(args)}{where}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise bad()
+        return [_coerce(v, args[0], f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad()
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad()
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad()
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 5e-7 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise bad()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad()
+    raise bad()
+
+
+def _type_name(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        names = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(names) + (" or null" if type(None) in args else "")
+    if origin is list:
+        return f"a list of {_type_name(args[0])}"
+    if origin is dict:
+        return "a mapping"
+    if origin is Literal:
+        return f"one of {list(args)}"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _check(cond: bool, key: str, msg: str):
+    if not cond:
+        raise ConfigError(f"{key} {msg}")
+
+
+def _validate(c: Config) -> None:
+    _check(bool(c.output_dir), "output_dir", "must not be empty")
+    _check(c.sft.epochs > 0 or c.sft.max_steps > 0, "sft.epochs", "must be > 0 (or set sft.max_steps)")
+    _check(c.sft.batch_size >= 1, "sft.batch_size", "must be >= 1")
+    _check(c.sft.learning_rate > 0, "sft.learning_rate", "must be > 0")
+    _check(c.data.seed_size > 0, "data.seed_size", "must be > 0 (a fraction <= 1 or a count)")
+    _check(c.data.seed_size <= 1 or float(c.data.seed_size).is_integer(), "data.seed_size",
+           f"must be a fraction <= 1 or a whole count, got {c.data.seed_size}")
+    _check(len(c.data.iteration_prompts) >= 1 and all(x > 0 for x in c.data.iteration_prompts),
+           "data.iteration_prompts", "must be a non-empty list of positive counts or fractions")
+    _check(c.data.max_prompt_length >= 1, "data.max_prompt_length", "must be >= 1")
+    g = c.generate
+    _check(g.num_samples >= 2, "generate.num_samples", "must be >= 2 (a pair needs two responses)")
+    _check(g.temperature > 0, "generate.temperature", "must be > 0 (sampling)")
+    _check(0 < g.top_p <= 1, "generate.top_p", "must be in (0, 1]")
+    _check(g.max_new_tokens >= 1, "generate.max_new_tokens", "must be >= 1")
+    _check(g.batch_size >= 1, "generate.batch_size", "must be >= 1")
+    _check(g.shard_size >= 1, "generate.shard_size", "must be >= 1")
+    _check(c.judge.beta > 0, "judge.beta", "must be > 0")
+    _check(c.judge.length_penalty >= 0, "judge.length_penalty", "must be >= 0")
+    _check(c.judge.batch_size >= 1, "judge.batch_size", "must be >= 1")
+    _check(len(c.judge.llm_choices) == 2, "judge.llm_choices", "must hold exactly two answer strings")
+    _check(c.judge.type != "reward_model" or bool(c.judge.model), "judge.model",
+           "must name the reward model when judge.type is reward_model")
+    r = c.refine
+    _check(len(r.lam) >= 1 and all(x >= 0 for x in r.lam), "refine.lam", "must be a non-empty list of values >= 0")
+    _check(0 <= r.percentile <= 100, "refine.percentile", "must be in [0, 100]")
+    _check(r.window >= 1, "refine.window", "must be >= 1")
+    _check(0 <= r.alpha < 0.5, "refine.alpha", "must be in [0, 0.5)")
+    _check(0 <= r.warmup_ratio <= 1, "refine.warmup_ratio", "must be in [0, 1]")
+    t = c.train
+    _check(t.beta > 0, "train.beta", "must be > 0")
+    _check(t.learning_rate > 0, "train.learning_rate", "must be > 0")
+    _check(0 <= t.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")
+    _check(t.seed_epochs > 0 and t.epochs > 0, "train.epochs", "and train.seed_epochs must be > 0")
+    _check(t.batch_size >= 1, "train.batch_size", "must be >= 1")
+    pd = t.per_device_batch_size
+    _check(pd is None or (pd >= 1 and t.batch_size % pd == 0), "train.per_device_batch_size",
+           f"must divide train.batch_size ({t.batch_size})")
+    _check(t.max_length >= 2, "train.max_length", "must be >= 2")
+    _check(t.save_steps >= 1 and t.logging_steps >= 1, "train.save_steps", "and train.logging_steps must be >= 1")
+    _check(t.iteration_loss != "dlma" or c.judge.type == "contrastive", "train.iteration_loss",
+           "dlma needs judge.type: contrastive (the margin is DLMA's self-reward)")
+    _check(c.loop.iterations >= 0, "loop.iterations", "must be >= 0")
+    e = c.eval
+    _check(e.oracle is None or (e.oracle.count(":") == 1 and all(e.oracle.split(":"))), "eval.oracle",
+           f"must look like 'package.module:function', got {e.oracle!r}")
+    _check(e.num_samples >= 1, "eval.num_samples", "must be >= 1")
+    _check(e.temperature >= 0, "eval.temperature", "must be >= 0")

@@ -1,0 +1,303 @@
+"""Loading preference pairs, prompts and demonstrations, and turning prompts into token ids.
+
+Sources (any of data.seed, data.prompts, sft.data, eval.prompts, eval.pairs):
+  - a .jsonl file (one JSON object per line) or a .json file (a list of objects);
+  - anything else is passed to `datasets.load_dataset(source, split=...)` (a hub name when online, a local
+    dataset folder, ...).
+
+Row layouts (each field a string, or a chat-message list [{"role": ..., "content": ...}, ...]):
+  pairs         {"prompt", "chosen", "rejected"}; UltraFeedback-binarized rows ("prompt" string, "chosen" /
+                "rejected" message lists ending with the assistant turn, "score_chosen" / "score_rejected") too.
+  prompts       {"prompt"} or {"messages"} (a trailing assistant turn is dropped); pair rows work as prompts.
+  demonstrations {"prompt", "response" | "completion"} or {"messages"} ending with an assistant turn.
+A malformed row raises DataError naming the file and line (JSON: index; datasets: split and row); with
+data.skip_invalid it is skipped and counted instead.
+
+Long prompts: a prompt is measured in tokens after the chat template. Longer than data.max_prompt_length, it is
+skipped (data.long_prompts: skip, the default) or cut to its last max_prompt_length tokens (truncate); both are
+counted and reported in the stage's metrics (data/prompts_skipped_long, data/prompts_truncated).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass, field
+
+logger = logging.getLogger("spa")
+
+Messages = list[dict]
+
+
+class DataError(ValueError):
+    """A malformed data row: the message names the file and line (or dataset row) and the field."""
+
+
+@dataclass
+class LoadStats:
+    rows: int = 0
+    invalid: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def as_metrics(self, prefix: str) -> dict:
+        return {f"{prefix}/rows": self.rows, f"{prefix}/invalid_skipped": self.invalid}
+
+
+def _read_source(source: str, split: str) -> list[tuple[str, object]]:
+    """[(where, row)] where `where` names the row for error messages."""
+    if source.endswith(".jsonl"):
+        if not os.path.exists(source):
+            raise DataError(f"{source} does not exist")
+        out = []
+        with open(source) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    out.append((f"{source}:{n}", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    out.append((f"{source}:{n}", DataError(f"{source}:{n}: not valid JSON ({e.msg})")))
+        return out
+    if source.endswith(".json"):
+        if not os.path.exists(source):
+            raise DataError(f"{source} does not exist")
+        with open(source) as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{source}:{e.lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(data, list):
+            raise DataError(f"{source}: expected a JSON list of objects, got {type(data).__name__}")
+        return [(f"{source}[{i}]", row) for i, row in enumerate(data)]
+    import datasets  # only for hub / dataset-folder sources
+
+    ds = datasets.load_dataset(source, split=split)
+    return [(f"{source}[{split}] row {i}", row) for i, row in enumerate(ds)]
+
+
+def _messages(value, where: str, name: str) -> Messages:
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"{where}: field {name!r} is empty")
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list) and value:
+        for j, m in enumerate(value):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise DataError(f"{where}: {name}[{j}] must be a {{'role': str, 'content': str}} message, got {m!r}")
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise DataError(f"{where}: field {name!r} must be a string or a non-empty list of chat messages, "
+                    f"got {type(value).__name__}")
+
+
+def _response(value, where: str, name: str) -> str:
+    if isinstance(value, str):
+        if not value:
+            raise DataError(f"{where}: field {name!r} is empty")
+        return value
+    msgs = _messages(value, where, name)
+    if msgs[-1]["role"] != "assistant":
+        raise DataError(f"{where}: the last message of {name!r} must have role 'assistant', "
+                        f"got {msgs[-1]['role']!r}")
+    if not msgs[-1]["content"]:
+        raise DataError(f"{where}: the assistant message of {name!r} is empty")
+    return msgs[-1]["content"]
+
+
+def _require(row, where: str, *names: str):
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    missing = [n for n in names if row.get(n) is None]
+    if missing:
+        raise DataError(f"{where}: missing field(s) {', '.join(repr(m) for m in missing)} "
+                        f"(has {', '.join(sorted(row)) or 'none'})")
+
+
+def prompt_id(messages: Messages) -> str:
+    return hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def parse_pair(row, where: str) -> dict:
+    _require(row, where, "chosen", "rejected")
+    if row.get("prompt") is not None:
+        prompt = _messages(row["prompt"], where, "prompt")
+    elif isinstance(row["chosen"], list) and len(row["chosen"]) > 1:
+        prompt = _messages(row["chosen"][:-1], where, "chosen")
+    else:
+        raise DataError(f"{where}: missing field 'prompt' (and 'chosen' is not a conversation to take it from)")
+    if prompt[-1]["role"] != "user":
+        raise DataError(f"{where}: the prompt must end with a user message, got role {prompt[-1]['role']!r}")
+    pair = {"id": prompt_id(prompt), "prompt": prompt, "chosen": _response(row["chosen"], where, "chosen"),
+            "rejected": _response(row["rejected"], where, "rejected")}
+    for k in ("score_chosen", "score_rejected"):
+        if row.get(k) is not None:
+            if not isinstance(row[k], (int, float)) or isinstance(row[k], bool):
+                raise DataError(f"{where}: field {k!r} must be a number, got {row[k]!r}")
+            pair[k] = float(row[k])
+    return pair
+
+
+def parse_prompt(row, where: str) -> dict:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if row.get("prompt") is not None:
+        prompt = _messages(row["prompt"], where, "prompt")
+    elif row.get("messages") is not None:
+        prompt = _messages(row["messages"], where, "messages")
+        if prompt[-1]["role"] == "assistant":
+            prompt = prompt[:-1]
+        if not prompt:
+            raise DataError(f"{where}: 'messages' holds no prompt before the assistant turn")
+    else:
+        raise DataError(f"{where}: missing field 'prompt' (or 'messages'); has {', '.join(sorted(row)) or 'none'}")
+    if prompt[-1]["role"] != "user":
+        raise DataError(f"{where}: the prompt must end with a user message, got role {prompt[-1]['role']!r}")
+    return {"id": prompt_id(prompt), "prompt": prompt}
+
+
+def parse_demo(row, where: str) -> dict:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if row.get("messages") is not None and row.get("prompt") is None:
+        msgs = _messages(row["messages"], where, "messages")
+        if len(msgs) < 2:
+            raise DataError(f"{where}: 'messages' needs a prompt and an assistant turn")
+        return {"prompt": msgs[:-1], "response": _response(msgs, where, "messages")}
+    key = "response" if row.get("response") is not None else "completion"
+    _require(row, where, "prompt", key)
+    return {"prompt": _messages(row["prompt"], where, "prompt"), "response": _response(row[key], where, key)}
+
+
+def load(source: str, split: str, parse, skip_invalid: bool = False) -> tuple[list[dict], LoadStats]:
+    """Rows of `source` parsed by parse_pair / parse_prompt / parse_demo."""
+    stats, out = LoadStats(), []
+    for where, row in _read_source(source, split):
+        stats.rows += 1
+        try:
+            if isinstance(row, DataError):
+                raise row
+            out.append(parse(row, where))
+        except DataError as e:
+            if not skip_invalid:
+                raise DataError(f"{e} (set data.skip_invalid=true to skip malformed rows)") from None
+            stats.invalid += 1
+            if len(stats.examples) < 3:
+                stats.examples.append(str(e))
+    if stats.invalid:
+        logger.warning("%s: skipped %d malformed of %d rows, e.g. %s", source, stats.invalid, stats.rows,
+                       "; ".join(stats.examples))
+    if not out:
+        raise DataError(f"{source}: no usable rows ({stats.rows} read, {stats.invalid} malformed)")
+    return out, stats
+
+
+def load_pairs(source, split, skip_invalid=False):
+    return load(source, split, parse_pair, skip_invalid)
+
+
+def load_prompts(source, split, skip_invalid=False):
+    return load(source, split, parse_prompt, skip_invalid)
+
+
+def load_demos(source, split, skip_invalid=False):
+    return load(source, split, parse_demo, skip_invalid)
+
+
+# --- seed and per-iteration prompt pools ----------------------------------------------------------------------
+
+def _count(size: float, total: int) -> int:
+    return max(1, round(size * total)) if size <= 1 else int(size)
+
+
+def seed_and_pools(cfg) -> tuple[list[dict], list[list[dict]], dict]:
+    """The gold seed pairs and, per iteration, its disjoint slice of unlabelled prompts; deterministic in cfg.seed.
+
+    The seed is a seeded random data.seed_size of data.seed. The pool is data.prompts (default: the prompts of
+    data.seed) minus every prompt in the seed, shuffled, then cut into data.iteration_prompts slices (the last
+    slice size repeats when loop.iterations is larger)."""
+    d = cfg.data
+    if not d.seed:
+        raise DataError("data.seed is not set: the gold-labelled seed preferences are required")
+    pairs, stats = load_pairs(d.seed, d.seed_split, d.skip_invalid)
+    rng = random.Random(f"{cfg.seed}/seed")
+    order = list(range(len(pairs)))
+    rng.shuffle(order)
+    n_seed = _count(d.seed_size, len(pairs))
+    if n_seed > len(pairs):
+        raise DataError(f"data.seed_size asks for {n_seed} seed pairs but {d.seed} has {len(pairs)}")
+    seed = [pairs[i] for i in order[:n_seed]]
+    info = {**stats.as_metrics("data/seed"), "data/seed_pairs": len(seed)}
+    if d.prompts:
+        prompts, pstats = load_prompts(d.prompts, d.prompts_split, d.skip_invalid)
+        info.update(pstats.as_metrics("data/prompts"))
+    else:
+        prompts = [{"id": p["id"], "prompt": p["prompt"]} for p in (pairs[i] for i in order[n_seed:])]
+    seed_ids = {p["id"] for p in seed}
+    seen, pool = set(seed_ids), []
+    for p in prompts:  # unique prompts not in the seed
+        if p["id"] not in seen:
+            seen.add(p["id"])
+            pool.append(p)
+    random.Random(f"{cfg.seed}/pool").shuffle(pool)
+    sizes = list(d.iteration_prompts)
+    sizes += [sizes[-1]] * max(0, cfg.loop.iterations - len(sizes))
+    counts = [_count(s, len(pool)) for s in sizes[:cfg.loop.iterations]]
+    if sum(counts) > len(pool):
+        raise DataError(f"data.iteration_prompts asks for {sum(counts)} prompts over {cfg.loop.iterations} "
+                        f"iteration(s) but the pool has {len(pool)} (after removing the seed's prompts)")
+    pools, start = [], 0
+    for c in counts:
+        pools.append(pool[start:start + c])
+        start += c
+    info["data/pool_prompts"] = len(pool)
+    return seed, pools, info
+
+
+# --- prompts to tokens ----------------------------------------------------------------------------------------
+
+class PromptEncoder:
+    """Chat template + tokenisation + the long-prompt rule, with counts of what the rule did."""
+
+    def __init__(self, tokenizer, max_prompt_length: int, long_prompts: str = "skip",
+                 chat_template: str | None = None):
+        self.tokenizer = tokenizer
+        self.max_len, self.rule = max_prompt_length, long_prompts
+        if chat_template == "none":
+            self.template = None
+        else:
+            self.template = chat_template or getattr(tokenizer, "chat_template", None)
+        self.skipped = self.truncated = 0
+
+    def render(self, messages: Messages) -> str:
+        if self.template is None:
+            return "\n\n".join(m["content"] for m in messages)
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def encode(self, messages: Messages) -> list[int] | None:
+        """Token ids of the prompt, or None when the long-prompt rule skips it."""
+        text = self.render(messages)
+        ids = self.tokenizer(text, add_special_tokens=self.template is None).input_ids
+        if len(ids) > self.max_len:
+            if self.rule == "skip":
+                self.skipped += 1
+                return None
+            self.truncated += 1
+            ids = ids[-self.max_len:]
+        return ids
+
+    def encode_response(self, text: str) -> list[int]:
+        """Response token ids followed by EOS (as TRL does for chosen/rejected)."""
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        eos = self.tokenizer.eos_token_id
+        return ids + ([eos] if eos is not None else [])
+
+    def metrics(self) -> dict:
+        return {"data/prompts_skipped_long": self.skipped, "data/prompts_truncated": self.truncated}
+
+
+def prompt_text(messages: Messages) -> str:
+    """The last user message: what a gold oracle sees as `prompt`."""
+    return next(m["content"] for m in reversed(messages) if m["role"] == "user")

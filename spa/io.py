@@ -1,0 +1,156 @@
+"""Crash-safe files: atomic writes, JSONL, resumable shards, the run directory layout, seeding.
+
+Every file a stage produces is written to a temporary name and moved into place with os.replace, so a file that
+exists is complete. Long stages work in shards under output_dir/.partial/ and skip the shards already written when
+rerun; a stage's final output appears only when the whole stage is done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+from collections.abc import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+
+# Testing aid for crash safety: SPA_CRASH_AFTER="<unit>:<n>" SIGKILLs the process right after the n-th unit of
+# work of that kind is committed (units: generate, judge, eval, sft, train, i.e. shards and checkpoints).
+CRASH_ENV = "SPA_CRASH_AFTER"
+_crash_counts: dict[str, int] = {}
+
+
+def crash_point(unit: str) -> None:
+    spec = os.environ.get(CRASH_ENV)
+    if not spec:
+        return
+    name, _, n = spec.partition(":")
+    if name != unit:
+        return
+    _crash_counts[unit] = _crash_counts.get(unit, 0) + 1
+    if _crash_counts[unit] >= int(n or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _tmp(path: str) -> str:
+    return f"{path}.tmp{os.getpid()}"
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = _tmp(path)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: str, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_write_jsonl(path: str, rows: Iterable[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def atomic_dir(final: str) -> str:
+    """A fresh temporary folder next to `final`; commit it with commit_dir(tmp, final)."""
+    tmp = f"{final}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp
+
+
+def commit_dir(tmp: str, final: str) -> None:
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def seed_everything(*keys) -> int:
+    """Seeds python, numpy and torch from a hash of `keys` (e.g. (cfg.seed, "generate", 3)); returns the seed.
+    Each stage and shard seeds itself, so a resumed one draws the same numbers as an uninterrupted one."""
+    seed = int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:4], "little") & 0x7FFFFFFF
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return seed
+
+
+def sharded(items: list, shard_size: int, folder: str, unit: str,
+            work: Callable[[int, list], list[dict]]) -> Iterator[list[dict]]:
+    """Yields the output rows of each shard of `items`, running `work(shard_index, shard_items)` only for shards
+    not already written to folder/shard_<i>.jsonl by an earlier (interrupted) run."""
+    os.makedirs(folder, exist_ok=True)
+    for start in range(0, len(items), shard_size):
+        index = start // shard_size
+        path = os.path.join(folder, f"shard_{index:05d}.jsonl")
+        if os.path.exists(path):
+            yield read_jsonl(path)
+            continue
+        rows = work(index, items[start:start + shard_size])
+        atomic_write_jsonl(path, rows)
+        crash_point(unit)
+        yield rows
+
+
+class Layout:
+    """Where a run keeps everything (docs/trainer.md shows the tree)."""
+
+    def __init__(self, output_dir: str):
+        self.root = output_dir
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.root, *parts)
+
+    @property
+    def config(self) -> str:
+        return self.path("config.yaml")
+
+    @property
+    def metrics(self) -> str:
+        return self.path("metrics.json")
+
+    @property
+    def sft_model(self) -> str:
+        return self.path("sft", "model")
+
+    def iter_dir(self, i: int) -> str:
+        return self.path(f"iter_{i}")
+
+    def model(self, i: int) -> str:
+        return self.path(f"iter_{i}", "model")
+
+    def samples(self, i: int) -> str:
+        return self.path(f"iter_{i}", "samples.jsonl")
+
+    def pairs(self, i: int) -> str:
+        return self.path(f"iter_{i}", "pairs.jsonl")
+
+    def eval(self, name: str) -> str:
+        """name: 'sft' or 'iter_<i>'."""
+        return self.path(name, "eval.json")
+
+    def eval_samples(self, name: str) -> str:
+        return self.path(name, "eval_samples.jsonl")
+
+    def stage_metrics(self, name: str, stage: str) -> str:
+        return self.path(name, f"{stage}_metrics.json")
+
+    def partial(self, name: str, stage: str) -> str:
+        return self.path(".partial", name, stage)

@@ -1,0 +1,287 @@
+"""Judges score each of a prompt's K responses; spa.select turns the scores into a (chosen, rejected) pair.
+
+  ImplicitRewardJudge   SPA's direct preference judgment r = beta * (log pi_{i-1}(y|x) - log pi_init(y|x)),
+                        summed over response tokens, with spa_kernels in inference mode (the default).
+  ContrastivePromptJudge DLMA's self-reward R = log pi(y | p+, x) - log pi(y | p-, x).
+  RewardModelJudge      any transformers sequence-classification reward model (first logit).
+  LLMJudge              LLM-as-judge: pairwise "A or B" log-odds, both orders, summed per response.
+
+Each has score(rows) -> [[K floats]] for rows {"prompt": messages, "responses": [K str]}; the implicit judge can
+also return REAL's response embeddings from the same forward pass. `length_penalty` > 0 subtracts
+length_penalty * response tokens from every score (DICE-style length regularisation).
+
+The judge stage (run_judge) writes output_dir/iter_<i>/pairs.jsonl: {"id", "prompt", "chosen", "rejected",
+"score_chosen", "score_rejected", "scores"} and iter_<i>/judge_metrics.json (pairs kept, identical responses and
+exact ties dropped, mean margin, lengths, and with eval.oracle the oracle's agreement with the judge).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+import time
+
+import torch
+
+from . import data as data_mod
+from .io import Layout, atomic_write_json, atomic_write_jsonl, read_jsonl, sharded
+from .modeling import load_causal_lm, load_tokenizer, resolve_device, score_sequences
+from .oracle import load_oracle, pairwise_win
+from .select import NEEDS_EMBEDDINGS, select_pair
+
+logger = logging.getLogger("spa")
+
+
+def _flat(rows):
+    return [(r, k, resp) for r in rows for k, resp in enumerate(r["responses"])]
+
+
+def _unflat(values, rows) -> list[list[float]]:
+    out, pos = [], 0
+    for r in rows:
+        out.append([float(v) for v in values[pos:pos + len(r["responses"])]])
+        pos += len(r["responses"])
+    return out
+
+
+class ImplicitRewardJudge:
+    def __init__(self, policy, reference, encoder: data_mod.PromptEncoder, beta: float = 0.1,
+                 batch_size: int = 32, impl: str = "auto", length_penalty: float = 0.0):
+        self.policy, self.reference, self.enc = policy, reference, encoder
+        self.beta, self.batch_size, self.impl, self.length_penalty = beta, batch_size, impl, length_penalty
+
+    def score(self, rows: list[dict], embeddings: bool = False):
+        items, lengths = [], []
+        for r, _, resp in _flat(rows):
+            ids = self.enc.encode_response(resp)
+            items.append((self.enc.encode(r["prompt"]), ids))
+            lengths.append(len(ids))
+        if any(p is None for p, _ in items):
+            raise ValueError("a prompt exceeds data.max_prompt_length (long_prompts=skip): judge only generated rows")
+        pad = self.enc.tokenizer.pad_token_id
+        pol = score_sequences(self.policy, items, pad, self.batch_size, self.impl, embeddings=embeddings)
+        pol, emb = pol if embeddings else (pol, None)
+        ref = score_sequences(self.reference, items, pad, self.batch_size, self.impl)
+        r = self.beta * (pol - ref) - self.length_penalty * torch.tensor(lengths, dtype=torch.float32)
+        scores = _unflat(r.tolist(), rows)
+        if not embeddings:
+            return scores
+        sizes = [len(x["responses"]) for x in rows]
+        return scores, list(torch.split(emb, sizes))
+
+
+class ContrastivePromptJudge:
+    """DLMA: R = log pi(y | p+) - log pi(y | p-), p+/- the user's last message put into positive_prompt /
+    negative_prompt ('{prompt}' placeholder)."""
+
+    def __init__(self, model, encoder: data_mod.PromptEncoder, positive_prompt: str, negative_prompt: str,
+                 batch_size: int = 32, impl: str = "auto", length_penalty: float = 0.0):
+        for name, t in (("positive_prompt", positive_prompt), ("negative_prompt", negative_prompt)):
+            if "{prompt}" not in t:
+                raise ValueError(f"judge.{name} must contain '{{prompt}}', got {t!r}")
+        self.model, self.enc, self.pos, self.neg = model, encoder, positive_prompt, negative_prompt
+        self.batch_size, self.impl, self.length_penalty = batch_size, impl, length_penalty
+
+    def _variant(self, messages, template):
+        last = max(i for i, m in enumerate(messages) if m["role"] == "user")
+        msgs = [dict(m) for m in messages]
+        msgs[last]["content"] = template.replace("{prompt}", msgs[last]["content"])
+        return msgs
+
+    def score(self, rows: list[dict]):
+        pos_items, neg_items, lengths = [], [], []
+        for r, _, resp in _flat(rows):
+            ids = self.enc.encode_response(resp)
+            pos_items.append((self.enc.encode(self._variant(r["prompt"], self.pos)), ids))
+            neg_items.append((self.enc.encode(self._variant(r["prompt"], self.neg)), ids))
+            lengths.append(len(ids))
+        if any(p is None for p, _ in pos_items + neg_items):
+            raise ValueError("a contrastive prompt exceeds data.max_prompt_length (long_prompts=skip)")
+        pad = self.enc.tokenizer.pad_token_id
+        pos = score_sequences(self.model, pos_items, pad, self.batch_size, self.impl)
+        neg = score_sequences(self.model, neg_items, pad, self.batch_size, self.impl)
+        return _unflat((pos - neg - self.length_penalty * torch.tensor(lengths, dtype=torch.float32)).tolist(), rows)
+
+
+class RewardModelJudge:
+    """Scores (prompt, response) with a sequence-classification model's first logit; the conversation goes
+    through the reward model's own chat template (plain 'prompt\\n\\nresponse' without one)."""
+
+    def __init__(self, path: str, device, batch_size: int = 32, trust_remote_code: bool = False,
+                 length_penalty: float = 0.0):
+        from transformers import AutoModelForSequenceClassification
+
+        self.tok = load_tokenizer(path, trust_remote_code)
+        self.model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tok.pad_token_id
+        self.model.to(device).eval()
+        self.batch_size, self.length_penalty = batch_size, length_penalty
+
+    def _text(self, messages, response):
+        if getattr(self.tok, "chat_template", None):
+            return self.tok.apply_chat_template(messages + [{"role": "assistant", "content": response}],
+                                                tokenize=False)
+        return "\n\n".join([m["content"] for m in messages] + [response])
+
+    @torch.inference_mode()
+    def score(self, rows: list[dict]):
+        flat = _flat(rows)
+        texts = [self._text(r["prompt"], resp) for r, _, resp in flat]
+        device = next(self.model.parameters()).device
+        self.tok.padding_side = "right"
+        out = []
+        for s in range(0, len(texts), self.batch_size):
+            enc = self.tok(texts[s:s + self.batch_size], return_tensors="pt", padding=True,
+                           add_special_tokens=not getattr(self.tok, "chat_template", None)).to(device)
+            out += self.model(**enc).logits[:, 0].float().cpu().tolist()
+        lengths = [len(self.tok(resp, add_special_tokens=False).input_ids) for _, _, resp in flat]
+        return _unflat([o - self.length_penalty * n for o, n in zip(out, lengths)], rows)
+
+
+class LLMJudge:
+    """LLM-as-judge: for every ordered pair (a, b) of a prompt's responses, d = log p(choice A) - log p(choice B)
+    after llm_template; s(a beats b) = (d(a, b) - d(b, a)) / 2 removes the position bias; a response's score is
+    the sum of its pairwise log-odds."""
+
+    def __init__(self, model, encoder: data_mod.PromptEncoder, template: str, choices: list[str],
+                 batch_size: int = 32, impl: str = "auto"):
+        for ph in ("{prompt}", "{a}", "{b}"):
+            if ph not in template:
+                raise ValueError(f"judge.llm_template must contain {ph}")
+        self.model, self.enc, self.template = model, encoder, template
+        tok = encoder.tokenizer
+        self.choices = [tok(c, add_special_tokens=False).input_ids for c in choices]
+        if not all(self.choices) or self.choices[0] == self.choices[1]:
+            raise ValueError(f"judge.llm_choices {choices!r} must tokenize to two different non-empty strings")
+        self.batch_size, self.impl = batch_size, impl
+
+    def score(self, rows: list[dict]):
+        items, index = [], []
+        for n, r in enumerate(rows):
+            q = data_mod.prompt_text(r["prompt"])
+            K = len(r["responses"])
+            for a in range(K):
+                for b in range(K):
+                    if a == b:
+                        continue
+                    text = self.template.format(prompt=q, a=r["responses"][a], b=r["responses"][b])
+                    p = self.enc.encode([{"role": "user", "content": text}])
+                    if p is None:
+                        raise ValueError("an LLM-judge prompt exceeds data.max_prompt_length (long_prompts=skip)")
+                    items += [(p, self.choices[0]), (p, self.choices[1])]
+                    index.append((n, a, b))
+        lp = score_sequences(self.model, items, self.enc.tokenizer.pad_token_id, self.batch_size, self.impl)
+        d = (lp[0::2] - lp[1::2]).tolist()
+        dd = {key: v for key, v in zip(index, d)}
+        scores = [[0.0] * len(r["responses"]) for r in rows]
+        for (n, a, b), v in dd.items():
+            s = (v - dd[(n, b, a)]) / 2
+            scores[n][a] += s
+        return scores
+
+
+def build_judge(cfg, iteration: int):
+    """The configured judge for iteration i (>= 1): its policy is pi_{i-1}, its reference pi_init."""
+    lay = Layout(cfg.output_dir)
+    device = resolve_device(cfg.model.device)
+    j = cfg.judge
+    policy_path = lay.model(iteration - 1)
+    tok = load_tokenizer(policy_path, cfg.model.trust_remote_code)
+    enc = data_mod.PromptEncoder(tok, cfg.data.max_prompt_length, cfg.data.long_prompts, cfg.data.chat_template)
+    impl = cfg.train.kernel_impl
+    if j.type == "implicit":
+        policy = load_causal_lm(policy_path, cfg.model, device)
+        reference = load_causal_lm(init_model_path(cfg), cfg.model, device)
+        return ImplicitRewardJudge(policy, reference, enc, j.beta, j.batch_size, impl, j.length_penalty), enc
+    if j.type == "contrastive":
+        policy = load_causal_lm(policy_path, cfg.model, device)
+        return ContrastivePromptJudge(policy, enc, j.positive_prompt, j.negative_prompt, j.batch_size, impl,
+                                      j.length_penalty), enc
+    if j.type == "reward_model":
+        return RewardModelJudge(j.model, device, j.batch_size, cfg.model.trust_remote_code, j.length_penalty), enc
+    model = load_causal_lm(j.model or policy_path, cfg.model, device)
+    judge_enc = enc if not j.model else data_mod.PromptEncoder(
+        load_tokenizer(j.model, cfg.model.trust_remote_code), 10 ** 9)
+    return LLMJudge(model, judge_enc, j.llm_template, j.llm_choices, j.batch_size, impl), enc
+
+
+def init_model_path(cfg) -> str:
+    """pi_init: the SFT stage's model when sft.enabled, else model.name_or_path."""
+    if cfg.sft.enabled:
+        return Layout(cfg.output_dir).sft_model
+    if not cfg.model.name_or_path:
+        raise ValueError("model.name_or_path is not set (and sft.enabled is false): pi_init is needed")
+    return cfg.model.name_or_path
+
+
+def response_embeddings(model, enc, rows, batch_size, impl) -> list[torch.Tensor]:
+    items = [(enc.encode(r["prompt"]), enc.encode_response(resp)) for r, _, resp in _flat(rows)]
+    _, emb = score_sequences(model, items, enc.tokenizer.pad_token_id, batch_size, impl, embeddings=True)
+    return list(torch.split(emb, [len(r["responses"]) for r in rows]))
+
+
+def run_judge(cfg, iteration: int) -> str:
+    """Pairs for iteration i >= 1 from its samples; returns the pairs.jsonl path."""
+    lay = Layout(cfg.output_dir)
+    samples = read_jsonl(lay.samples(iteration))
+    judge, enc = build_judge(cfg, iteration)
+    strategy = cfg.select.strategy
+    need_emb = strategy in NEEDS_EMBEDDINGS
+    embedder = None
+    if need_emb and not isinstance(judge, ImplicitRewardJudge):
+        embedder = load_causal_lm(lay.model(iteration - 1), cfg.model, resolve_device(cfg.model.device))
+    t0 = time.perf_counter()
+
+    def work(shard: int, rows: list[dict]) -> list[dict]:
+        if isinstance(judge, ImplicitRewardJudge):
+            res = judge.score(rows, embeddings=need_emb)
+            scores, embs = res if need_emb else (res, None)
+        else:
+            scores = judge.score(rows)
+            embs = response_embeddings(embedder, enc, rows, cfg.judge.batch_size,
+                                       cfg.train.kernel_impl) if need_emb else None
+        out = []
+        for n, (r, sc) in enumerate(zip(rows, scores)):
+            rng = random.Random(f"{cfg.seed}/select/{iteration}/{r['id']}")
+            pick = select_pair(sc, strategy, None if embs is None else embs[n], rng)
+            row = {"id": r["id"], "prompt": r["prompt"], "scores": sc}
+            if pick is None:
+                row["status"] = "no_pair"
+            else:
+                c, j = pick
+                row.update(chosen=r["responses"][c], rejected=r["responses"][j], score_chosen=sc[c],
+                           score_rejected=sc[j])
+                row["status"] = ("identical" if r["responses"][c] == r["responses"][j]
+                                 else "tie" if sc[c] == sc[j] else "kept")
+            out.append(row)
+        return out
+
+    rows = [r for shard in sharded(samples, cfg.generate.shard_size, lay.partial(f"iter_{iteration}", "judge"),
+                                   "judge", work) for r in shard]
+    kept = [{k: v for k, v in r.items() if k != "status"} for r in rows if r["status"] == "kept"]
+    if not kept:
+        raise RuntimeError(f"judge iter {iteration}: every pair was dropped (identical responses or exact ties); "
+                           "raise generate.temperature or generate.num_samples")
+    count = lambda s: sum(r["status"] == s for r in rows)
+    metrics = {"judge/prompts": len(rows), "judge/pairs": len(kept), "judge/dropped_identical": count("identical"),
+               "judge/dropped_ties": count("tie"), "judge/dropped_no_pair": count("no_pair"),
+               "judge/mean_margin": sum(p["score_chosen"] - p["score_rejected"] for p in kept) / len(kept),
+               "judge/chosen_chars": sum(len(p["chosen"]) for p in kept) / len(kept),
+               "judge/rejected_chars": sum(len(p["rejected"]) for p in kept) / len(kept),
+               "judge/seconds_computed": time.perf_counter() - t0}
+    if cfg.eval.oracle:  # how often the self-judgment agrees with the gold oracle (a diagnostic; not used)
+        oracle = load_oracle(cfg.eval.oracle)
+        metrics["judge/oracle_accuracy"] = sum(
+            pairwise_win(oracle(data_mod.prompt_text(p["prompt"]), p["chosen"]),
+                         oracle(data_mod.prompt_text(p["prompt"]), p["rejected"])) for p in kept) / len(kept)
+    atomic_write_json(lay.stage_metrics(f"iter_{iteration}", "judge"), metrics)
+    atomic_write_jsonl(lay.pairs(iteration), kept)
+    shutil.rmtree(lay.partial(f"iter_{iteration}", "judge"), ignore_errors=True)
+    logger.info("judge iter %d: %d pairs kept of %d prompts", iteration, len(kept), len(rows))
+    return lay.pairs(iteration)
+
+
+__all__ = ["ImplicitRewardJudge", "ContrastivePromptJudge", "RewardModelJudge", "LLMJudge", "build_judge",
+           "run_judge", "init_model_path"]

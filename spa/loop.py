@@ -1,0 +1,128 @@
+"""The SPA loop: [sft] -> seed DPO -> for each iteration: generate -> judge -> train -> eval.
+
+Every stage's output appears atomically when the stage is done, so `run` (and `spa run`) restarts after a crash,
+Ctrl-C or SIGKILL at the first stage whose output is missing; inside a stage, finished shards and the last trainer
+checkpoint are reused. The config is stored in output_dir/config.yaml on the first run; a rerun with different
+settings is refused (ConfigMismatch names the keys). metrics.json collects per-stage wall time, throughput and
+the stages' own metrics, and the evaluation of every model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import yaml
+
+from .config import Config, ConfigError, diff
+from .eval import eval_name, format_table, results_table, run_eval
+from .generate import run_generate
+from .io import Layout, atomic_write_json, atomic_write_text, read_json
+from .judges import run_judge
+from .train import run_sft, run_train
+
+logger = logging.getLogger("spa")
+
+
+class ConfigMismatch(RuntimeError):
+    """The output directory holds a run made with different settings."""
+
+
+@dataclass
+class Stage:
+    name: str  # e.g. "iter_1/generate"
+    output: str  # exists <=> the stage is done
+    fn: Callable[[], str]
+    metrics: str | None  # the stage's own metrics file
+
+
+def plan(cfg: Config) -> list[Stage]:
+    lay = Layout(cfg.output_dir)
+    stages = []
+    evaluate = bool(cfg.eval.prompts or cfg.eval.pairs)
+    if cfg.sft.enabled:
+        stages.append(Stage("sft", lay.sft_model, lambda: run_sft(cfg), lay.stage_metrics("sft", "sft")))
+    if evaluate and cfg.eval.prompts:
+        stages.append(Stage("sft/eval", lay.eval("sft"), lambda: run_eval(cfg, None), None))
+    for i in range(cfg.loop.iterations + 1):
+        it = f"iter_{i}"
+        if i > 0:
+            stages.append(Stage(f"{it}/generate", lay.samples(i), lambda i=i: run_generate(cfg, i),
+                                lay.stage_metrics(it, "generate")))
+            stages.append(Stage(f"{it}/judge", lay.pairs(i), lambda i=i: run_judge(cfg, i),
+                                lay.stage_metrics(it, "judge")))
+        stages.append(Stage(f"{it}/train", lay.model(i), lambda i=i: run_train(cfg, i), lay.stage_metrics(it, "train")))
+        if evaluate:
+            stages.append(Stage(f"{it}/eval", lay.eval(eval_name(i)), lambda i=i: run_eval(cfg, i), None))
+    return stages
+
+
+def check_config(cfg: Config) -> None:
+    """Stores the config on the first use of output_dir; refuses a different one afterwards."""
+    lay = Layout(cfg.output_dir)
+    mine = cfg.to_dict()
+    mine.pop("output_dir")
+    if os.path.exists(lay.config):
+        with open(lay.config) as f:
+            stored = yaml.safe_load(f) or {}
+        stored.pop("output_dir", None)
+        changes = diff(stored, mine)
+        if changes:
+            raise ConfigMismatch(
+                f"{cfg.output_dir} holds a run made with a different config ({lay.config}); changed: "
+                + "; ".join(changes) + ". Rerun with the stored config to resume, or use a new output_dir.")
+        return
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    atomic_write_text(lay.config, cfg.to_yaml())
+
+
+def _record(cfg: Config, stage: Stage, seconds: float | None) -> None:
+    lay = Layout(cfg.output_dir)
+    metrics = read_json(lay.metrics) if os.path.exists(lay.metrics) else {"stages": {}, "eval": {}}
+    entry = {"seconds": seconds}
+    if stage.metrics and os.path.exists(stage.metrics):
+        entry.update(read_json(stage.metrics))
+    metrics["stages"][stage.name] = entry
+    if stage.name.endswith("/eval"):
+        metrics["eval"][stage.name.split("/")[0]] = read_json(stage.output)
+    atomic_write_json(lay.metrics, metrics)
+
+
+def run_stage(cfg: Config, stage: Stage) -> bool:
+    """Runs one stage unless its output exists; returns whether it ran."""
+    lay = Layout(cfg.output_dir)
+    if os.path.exists(stage.output):
+        recorded = os.path.exists(lay.metrics) and stage.name in read_json(lay.metrics)["stages"]
+        if not recorded:  # done, but the run stopped before recording it
+            _record(cfg, stage, None)
+        logger.info("%s: done already (%s)", stage.name, stage.output)
+        return False
+    logger.info("%s: running", stage.name)
+    t0 = time.perf_counter()
+    stage.fn()
+    _record(cfg, stage, time.perf_counter() - t0)
+    return True
+
+
+def run(cfg: Config, until: str | None = None) -> dict:
+    """The whole loop (resumable); returns metrics.json's content. `until`: stop after the stage of that name."""
+    check_config(cfg)
+    for stage in plan(cfg):
+        run_stage(cfg, stage)
+        if stage.name == until:
+            break
+    lay = Layout(cfg.output_dir)
+    table = results_table(cfg.output_dir, cfg.loop.iterations)
+    if table:
+        logger.info("results\n%s", format_table(table))
+    return read_json(lay.metrics) if os.path.exists(lay.metrics) else {}
+
+
+def stage_by_name(cfg: Config, name: str) -> Stage:
+    for s in plan(cfg):
+        if s.name == name:
+            return s
+    raise ConfigError(f"no stage {name!r} in this config's plan; stages: {', '.join(s.name for s in plan(cfg))}")

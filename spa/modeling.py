@@ -1,0 +1,118 @@
+"""Models and batched scoring: loading like any hub model, last hidden states, and per-sequence log-probs from
+the hidden states and the lm_head weight through spa_kernels (never [batch, seq, vocab] logits)."""
+
+from __future__ import annotations
+
+import torch
+
+import spa_kernels as sk
+
+IGNORE = -100
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _dtype(name: str):
+    return "auto" if name == "auto" else getattr(torch, name)
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:  # many causal LMs ship without one; padding is always masked
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(path: str, mcfg, device: torch.device | None = None, train: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    kw = {"dtype": _dtype(mcfg.dtype), "trust_remote_code": mcfg.trust_remote_code}
+    if mcfg.attn_implementation:
+        kw["attn_implementation"] = mcfg.attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    if device is not None:
+        model.to(device)
+    model.train(train)
+    if not train:
+        model.requires_grad_(False)
+    return model
+
+
+def output_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight [V, H], bias [V] | None) of the lm_head, refusing heads that are more than a linear layer."""
+    cfg = model.config
+    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+        if getattr(cfg, attr, None) not in (None, 1, 1.0):
+            raise NotImplementedError(f"{type(model).__name__} transforms its logits ({attr}={getattr(cfg, attr)}); "
+                                      "spa computes log-probs from hidden states @ lm_head only")
+    head = model.get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
+
+
+def last_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The decoder's final (normed) hidden states [N, T, H], without running the lm_head."""
+    return model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+def pad_sequences(items: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids / attention_mask and labels already shifted for the hidden states: labels[:, t] is the
+    token at t+1 when it belongs to the response, else IGNORE; plus response_mask marking response positions."""
+    T = max(len(p) + len(r) for p, r in items)
+    N = len(items)
+    ids = torch.full((N, T), pad_id, dtype=torch.long)
+    att = torch.zeros((N, T), dtype=torch.long)
+    labels = torch.full((N, T), IGNORE, dtype=torch.long)
+    resp = torch.zeros((N, T), dtype=torch.bool)
+    for i, (p, r) in enumerate(items):
+        n = len(p) + len(r)
+        ids[i, :n] = torch.tensor(p + r)
+        att[i, :n] = 1
+        labels[i, len(p) - 1:n - 1] = torch.tensor(r)
+        resp[i, len(p):n] = True
+    return {"input_ids": ids.to(device), "attention_mask": att.to(device), "labels": labels.to(device),
+            "response_mask": resp.to(device)}
+
+
+def batch_logps(model, batch: dict, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed response log-probs [N] float32, last hidden states [N, T, H]) for a pad_sequences batch."""
+    hidden = last_hidden_states(model, batch["input_ids"], batch["attention_mask"])
+    weight, bias = output_head(model)
+    logps = sk.linear_sequence_logprobs(hidden, weight, batch["labels"], bias=bias, impl=impl)
+    return logps, hidden
+
+
+def mean_response_embedding(hidden: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """REAL's embedding: the last hidden layer averaged over response tokens only (prompt excluded)."""
+    m = response_mask.to(hidden.dtype).unsqueeze(-1)
+    return ((hidden * m).sum(1) / m.sum(1).clamp(min=1)).float()
+
+
+@torch.inference_mode()
+def score_sequences(model, items: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int,
+                    impl: str = "auto", embeddings: bool = False, progress: str | None = None):
+    """Summed response log-probs [N] (float32, CPU) of (prompt_ids, response_ids) items under `model`, batched in
+    length order; with embeddings=True also REAL's mean response embeddings [N, H]."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    order = sorted(range(len(items)), key=lambda i: len(items[i][0]) + len(items[i][1]))
+    logps = torch.empty(len(items))
+    embs = None
+    starts = range(0, len(order), batch_size)
+    for s in tqdm(starts, desc=progress, disable=progress is None, leave=False):
+        idx = order[s:s + batch_size]
+        batch = pad_sequences([items[i] for i in idx], pad_id, device)
+        lp, hidden = batch_logps(model, batch, impl)
+        logps[idx] = lp.float().cpu()
+        if embeddings:
+            e = mean_response_embedding(hidden, batch["response_mask"]).cpu()
+            if embs is None:
+                embs = torch.empty(len(items), e.shape[1])
+            embs[idx] = e
+    return (logps, embs) if embeddings else logps

@@ -1,0 +1,381 @@
+"""The sft and train stages, both on transformers.Trainer (logging via report_to, gradient accumulation, bf16,
+gradient checkpointing, checkpoints, DeepSpeed / FSDP configs come from transformers).
+
+train: DPO-family training on preference pairs. The loss runs on the last hidden states and the lm_head weight
+through spa_kernels (linear_sequence_logprobs, or linear_spa_sequence_logprobs for de-coupled noise detection), so
+[batch, seq, vocab] logits never exist. Without DND the reference log-probs are computed once before training and
+the reference model is freed; with DND the reference model stays and gives its hidden states per step (no_grad).
+  iteration 0      DPO (sigmoid) on the seed, from pi_init with reference pi_init, train.seed_epochs epochs
+  iteration i >= 1 train.iteration_loss on iter_<i>/pairs.jsonl, from pi_{i-1} with reference pi_{i-1}: "spa" is
+                   the self-refined loss (spa.refine) when refine.enabled, lam = refine.lam[i-1] when refine.dnd
+Writes output_dir/iter_<i>/model/ (save_pretrained, with the tokenizer), iter_<i>/train_metrics.json and
+iter_<i>/train_log.jsonl (the Trainer's log history). Checkpoints go to output_dir/.partial/iter_<i>/train/; a rerun
+resumes from the last complete one (resume_from_checkpoint is passed through to Trainer.train).
+
+sft: supervised fine-tuning on demonstrations (loss on response tokens only), from model.name_or_path or, with
+sft.from_scratch, a freshly initialised model (how the demo's tiny Llama is made). Writes output_dir/sft/model/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import logging
+import os
+import shutil
+import time
+from collections import defaultdict
+
+import torch
+from torch.utils.data import Dataset
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+import spa_kernels as sk
+
+from . import data as data_mod
+from .io import Layout, atomic_dir, atomic_write_json, atomic_write_jsonl, commit_dir, crash_point, read_jsonl
+from .io import seed_everything
+from .judges import init_model_path
+from .modeling import load_causal_lm, load_tokenizer, output_head, pad_sequences, resolve_device, score_sequences
+from .refine import NoiseDetector, lam_for_iteration, refine_alpha
+
+logger = logging.getLogger("spa")
+REFINE_STATE = "spa_refine_state.json"
+
+
+class ListDataset(Dataset):
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def tokenize_pairs(pairs: list[dict], enc: data_mod.PromptEncoder, max_length: int) -> tuple[list[dict], dict]:
+    """Features {prompt_ids, chosen_ids, rejected_ids (+ margin_score)}; a response that does not fit max_length
+    after its prompt is cut at the end; a prompt leaving < 1 response token is skipped. Returns counts too."""
+    out, cut, skipped = [], 0, 0
+    for p in pairs:
+        ids = enc.encode(p["prompt"])
+        if ids is None or len(ids) >= max_length:
+            skipped += 1
+            continue
+        room = max_length - len(ids)
+        feats = {"prompt_ids": ids}
+        for k in ("chosen", "rejected"):
+            r = enc.encode_response(p[k])
+            if len(r) > room:
+                cut += 1
+                r = r[:room]
+            feats[f"{k}_ids"] = r
+        if "score_chosen" in p and "score_rejected" in p:
+            feats["score_margin"] = p["score_chosen"] - p["score_rejected"]
+        out.append(feats)
+    return out, {**enc.metrics(), "train/pairs_skipped_long": skipped, "train/responses_truncated": cut}
+
+
+class PairCollator:
+    """[2B, T] batch, chosen rows first then rejected (as spa_kernels, TRL and Liger expect), right padded, labels
+    shifted for the hidden states; ref_logps [2B] and score_margin [B] when the features have them."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, feats: list[dict]) -> dict:
+        items = [(f["prompt_ids"], f["chosen_ids"]) for f in feats] + [(f["prompt_ids"], f["rejected_ids"])
+                                                                          for f in feats]
+        batch = pad_sequences(items, self.pad_id, "cpu")
+        batch.pop("response_mask")
+        if "ref_chosen" in feats[0]:
+            batch["ref_logps"] = torch.tensor([f["ref_chosen"] for f in feats] + [f["ref_rejected"] for f in feats])
+        if "score_margin" in feats[0]:
+            batch["score_margin"] = torch.tensor([f["score_margin"] for f in feats], dtype=torch.float32)
+        return batch
+
+
+class PreferenceTrainer(Trainer):
+    """transformers.Trainer with a DPO-family loss from hidden states (spa_kernels).
+
+    loss_type: "sigmoid" (DPO), "spa" (self-refined; needs `detector`, optional `lam` for DND), "dlma" (margin from
+    the batch's score_margin). With lam, `ref_model` gives the reference hidden states per step; otherwise the batch
+    carries precomputed ref_logps. Logs TRL's metric names plus refine/... for the spa loss."""
+
+    def __init__(self, *args, loss_type: str = "sigmoid", beta: float = 0.1, ref_model=None, lam: float | None = None,
+                 detector: NoiseDetector | None = None, refine_alpha: float = 0.1, refine_warmup: float = 0.2,
+                 dlma_gamma: float = 0.2, kernel_impl: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        if loss_type == "spa" and detector is None:
+            raise ValueError("loss_type='spa' needs a NoiseDetector")
+        if lam is not None and ref_model is None:
+            raise ValueError("lam (DND) needs ref_model: the reference hidden states are computed per step")
+        self.loss_type, self.beta, self.ref_model, self.lam = loss_type, beta, ref_model, lam
+        self.detector, self.alpha, self.refine_warmup = detector, refine_alpha, refine_warmup
+        self.dlma_gamma, self.kernel_impl = dlma_gamma, kernel_impl
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+
+    @staticmethod
+    def _hidden(model, batch):
+        # Through the (possibly DDP/DeepSpeed-wrapped) forward; logits_to_keep=1 keeps the lm_head to one position.
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                    output_hidden_states=True, logits_to_keep=1)
+        return out.hidden_states[-1]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        hidden = self._hidden(model, inputs)
+        weight, bias = output_head(self.accelerator.unwrap_model(model))
+        if self.lam is not None:
+            with torch.no_grad():
+                ref_hidden = self._hidden(self.ref_model, inputs)
+                ref_weight, ref_bias = output_head(self.ref_model)
+            logps, ref, ext = sk.linear_spa_sequence_logprobs(hidden, weight, ref_hidden.to(hidden.dtype),
+                                                              ref_weight.to(weight.dtype), labels, lam=self.lam,
+                                                              bias=bias, ref_bias=ref_bias, impl=self.kernel_impl)
+        else:
+            logps = sk.linear_sequence_logprobs(hidden, weight, labels, bias=bias, impl=self.kernel_impl)
+            ref, ext = inputs["ref_logps"].to(logps.dtype), None
+        pc, pr = logps.chunk(2)
+        rc, rr = ref.chunk(2)
+        kw, extra = {}, {}
+        if self.loss_type == "spa":
+            if ext is not None:
+                ec, er = ext.chunk(2)
+                margins = self.beta * ((ec - rc) - (er - rr))
+            else:
+                margins = self.beta * ((pc - rc) - (pr - rr)).detach()
+            noisy, threshold = self.detector(margins)
+            a = refine_alpha(self.state.global_step, max(self.state.max_steps, 1), self.alpha, self.refine_warmup)
+            kw = {"noisy": noisy, "refine_alpha": a}
+            extra = {"refine/threshold": threshold, "refine/alpha": a, "refine/margin": margins.mean().item()}
+        elif self.loss_type == "dlma":
+            kw = {"margin": sk.dlma_margin(inputs["score_margin"].to(pc.device), gamma=self.dlma_gamma)}
+        out = sk.preference_loss(pc, pr, rc, rr, beta=self.beta, loss_type=self.loss_type, **kw)
+        out = dataclasses.replace(out, chosen_logps=pc.detach(), rejected_logps=pr.detach())
+        for k, v in {**out.metrics(), **extra}.items():
+            self._metrics[k].append(float(v))
+        return (out.loss, out) if return_outputs else out.loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        logs.update({k: sum(v) / len(v) for k, v in self._metrics.items() if v})
+        self._metrics.clear()
+        super().log(logs, start_time)
+
+    def _save_checkpoint(self, model, trial):
+        # The detector's window is written before the Trainer's files; a checkpoint counts as complete only once
+        # trainer_state.json (written last by the Trainer) exists, so the two cannot disagree.
+        if self.detector is not None:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, REFINE_STATE), "w") as f:
+                json.dump(self.detector.state_dict(), f)
+        super()._save_checkpoint(model, trial)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, REFINE_STATE)
+        if self.detector is not None and os.path.exists(path):
+            with open(path) as f:
+                self.detector.load_state_dict(json.load(f))
+
+
+class CrashPointCallback(TrainerCallback):
+    """Lets SPA_CRASH_AFTER=<unit>:<n> kill the process right after the n-th checkpoint (crash-safety tests)."""
+
+    def __init__(self, unit: str):
+        self.unit = unit
+
+    def on_save(self, args, state, control, **kwargs):
+        crash_point(self.unit)
+
+
+def last_checkpoint(folder: str) -> str | None:
+    """The newest complete Trainer checkpoint in folder (trainer_state.json is written last)."""
+    done = [d for d in glob.glob(os.path.join(folder, "checkpoint-*"))
+            if os.path.exists(os.path.join(d, "trainer_state.json"))]
+    return max(done, key=lambda d: int(d.rsplit("-", 1)[1])) if done else None
+
+
+def _training_args(out_dir: str, cfg, *, batch_size: int, per_device: int | None, lr: float, epochs: float,
+                   scheduler: str, warmup: float, weight_decay: float, max_steps: int = -1, **extra):
+    t = cfg.train
+    pd = per_device or batch_size
+    kw = dict(output_dir=out_dir, per_device_train_batch_size=pd, gradient_accumulation_steps=batch_size // pd,
+              learning_rate=lr, num_train_epochs=epochs, max_steps=max_steps, lr_scheduler_type=scheduler,
+              warmup_steps=warmup, weight_decay=weight_decay, logging_steps=t.logging_steps, save_strategy="steps",
+              save_steps=t.save_steps, save_total_limit=2, report_to=t.report_to, seed=cfg.seed, data_seed=cfg.seed,
+              bf16=t.bf16, gradient_checkpointing=t.gradient_checkpointing, remove_unused_columns=False,
+              dataloader_num_workers=0, disable_tqdm=False, use_cpu=resolve_device(cfg.model.device).type == "cpu",
+              deepspeed=t.deepspeed, fsdp=t.fsdp or "", **extra)
+    unknown = set(t.trainer_args) - {f.name for f in dataclasses.fields(TrainingArguments)}
+    if unknown:
+        raise ValueError(f"train.trainer_args: unknown TrainingArguments field(s) {sorted(unknown)}")
+    kw.update(t.trainer_args)
+    return TrainingArguments(**kw)
+
+
+def _finish(trainer, tok, final: str, partial: str, metrics: dict, metrics_path: str, log_path: str) -> str:
+    tmp = atomic_dir(final)
+    trainer.save_model(tmp)
+    tok.save_pretrained(tmp)
+    atomic_write_jsonl(log_path, trainer.state.log_history)
+    atomic_write_json(metrics_path, metrics)
+    commit_dir(tmp, final)  # last: the model folder's existence marks the stage done
+    shutil.rmtree(partial, ignore_errors=True)
+    return final
+
+
+def _summary(log_history: list[dict], prefix: str) -> dict:
+    """Mean of every logged training metric over the stage, and the last logged loss."""
+    acc = defaultdict(list)
+    for entry in log_history:
+        for k, v in entry.items():
+            if isinstance(v, (int, float)) and k not in ("epoch", "step", "learning_rate", "grad_norm"):
+                acc[k].append(v)
+    out = {f"{prefix}/{k}": sum(v) / len(v) for k, v in acc.items() if not k.startswith("train_")}
+    losses = [e["loss"] for e in log_history if "loss" in e]
+    if losses:
+        out[f"{prefix}/final_loss"] = losses[-1]
+    return out
+
+
+def precompute_ref_logps(ref_model, feats: list[dict], pad_id: int, batch_size: int, impl: str) -> None:
+    """Adds ref_chosen / ref_rejected (summed response log-probs under the reference) to every feature."""
+    items = [(f["prompt_ids"], f["chosen_ids"]) for f in feats] + [(f["prompt_ids"], f["rejected_ids"])
+                                                                     for f in feats]
+    lp = score_sequences(ref_model, items, pad_id, batch_size, impl, progress="reference log-probs").tolist()
+    for n, f in enumerate(feats):
+        f["ref_chosen"], f["ref_rejected"] = lp[n], lp[n + len(feats)]
+
+
+def run_train(cfg, iteration: int) -> str:
+    """DPO (iteration 0: on the seed) or the SPA iteration's training; returns the model folder."""
+    lay = Layout(cfg.output_dir)
+    name = f"iter_{iteration}"
+    partial = lay.partial(name, "train")
+    t = cfg.train
+    device = resolve_device(cfg.model.device)
+    if iteration == 0:
+        pairs, _, info = data_mod.seed_and_pools(cfg)
+        init_path = ref_path = init_model_path(cfg)
+        loss_type, epochs, lam = "sigmoid", t.seed_epochs, None
+    else:
+        pairs, info = read_jsonl(lay.pairs(iteration)), {}
+        init_path = ref_path = lay.model(iteration - 1)
+        epochs = t.epochs
+        loss_type = t.iteration_loss
+        if loss_type == "spa" and not cfg.refine.enabled:
+            loss_type = "sigmoid"
+        lam = lam_for_iteration(cfg.refine.lam, iteration) if loss_type == "spa" and cfg.refine.dnd else None
+    tok = load_tokenizer(init_path, cfg.model.trust_remote_code)
+    enc = data_mod.PromptEncoder(tok, cfg.data.max_prompt_length, cfg.data.long_prompts, cfg.data.chat_template)
+    feats, counts = tokenize_pairs(pairs, enc, t.max_length)
+    if not feats:
+        raise ValueError(f"train {name}: no pair fits (data.max_prompt_length / train.max_length)")
+    if loss_type == "dlma" and "score_margin" not in feats[0]:
+        raise ValueError(f"train {name}: dlma needs judge scores (score_chosen / score_rejected) in the pairs")
+
+    seed_everything(cfg.seed, "train", iteration)
+    ref_model = load_causal_lm(ref_path, cfg.model, device)
+    if lam is None:  # precompute once (cached across a crash), then free the reference model
+        cache = os.path.join(partial, "ref_logps.json")
+        if os.path.exists(cache):
+            with open(cache) as f:
+                for f_, (c, r) in zip(feats, json.load(f)):
+                    f_["ref_chosen"], f_["ref_rejected"] = c, r
+        else:
+            precompute_ref_logps(ref_model, feats, tok.pad_token_id, cfg.judge.batch_size, t.kernel_impl)
+            atomic_write_json(cache, [[f_["ref_chosen"], f_["ref_rejected"]] for f_ in feats])
+        del ref_model
+        ref_model = None
+    model = load_causal_lm(init_path, cfg.model, device, train=True)
+    args = _training_args(partial, cfg, batch_size=t.batch_size, per_device=t.per_device_batch_size,
+                          lr=t.learning_rate, epochs=epochs, scheduler=t.lr_scheduler_type, warmup=t.warmup_ratio,
+                          weight_decay=t.weight_decay)
+    detector = NoiseDetector(cfg.refine.percentile, cfg.refine.window) if loss_type == "spa" else None
+    trainer = PreferenceTrainer(model=model, args=args, train_dataset=ListDataset(feats),
+                                data_collator=PairCollator(tok.pad_token_id), processing_class=tok,
+                                loss_type=loss_type, beta=t.beta, ref_model=ref_model, lam=lam, detector=detector,
+                                refine_alpha=cfg.refine.alpha, refine_warmup=cfg.refine.warmup_ratio,
+                                dlma_gamma=t.dlma_gamma, kernel_impl=t.kernel_impl,
+                                callbacks=[CrashPointCallback("train")])
+    t0 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=last_checkpoint(partial))
+    seconds = time.perf_counter() - t0
+    tokens = sum(2 * len(f["prompt_ids"]) + len(f["chosen_ids"]) + len(f["rejected_ids"]) for f in feats)
+    metrics = {**info, **counts, "train/pairs": len(feats), "train/loss_type": loss_type, "train/lam": lam,
+               "train/steps": trainer.state.global_step, "train/seconds_computed": seconds,
+               "train/tokens_per_s": tokens * epochs / max(result.metrics.get("train_runtime", seconds), 1e-9),
+               **_summary(trainer.state.log_history, "train")}
+    return _finish(trainer, tok, lay.model(iteration), partial, metrics, lay.stage_metrics(name, "train"),
+                   lay.path(name, "train_log.jsonl"))
+
+
+class SFTCollator:
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, feats):
+        batch = pad_sequences([(f["prompt_ids"], f["response_ids"]) for f in feats], self.pad_id, "cpu")
+        labels = torch.full_like(batch["labels"], -100)  # HF's causal-LM loss shifts itself: unshifted labels
+        labels[:, 1:] = batch["labels"][:, :-1]
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
+
+
+def new_model(tok, spec: dict):
+    """A freshly initialised causal LM from config kwargs (model_type defaults to llama), sized to the tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(spec)
+    model_type = spec.pop("model_type", "llama")
+    config = AutoConfig.for_model(model_type, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **spec)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def run_sft(cfg) -> str:
+    """Supervised fine-tuning on sft.data; returns output_dir/sft/model."""
+    lay = Layout(cfg.output_dir)
+    s = cfg.sft
+    if not s.data:
+        raise ValueError("sft.data is not set: the SFT stage needs demonstrations")
+    tok_path = cfg.model.tokenizer or cfg.model.name_or_path
+    if not tok_path:
+        raise ValueError("model.tokenizer (or model.name_or_path) is needed for the SFT stage")
+    tok = load_tokenizer(tok_path, cfg.model.trust_remote_code)
+    demos, stats = data_mod.load_demos(s.data, s.split, cfg.data.skip_invalid)
+    enc = data_mod.PromptEncoder(tok, cfg.data.max_prompt_length, cfg.data.long_prompts, cfg.data.chat_template)
+    feats, cut = [], 0
+    for d in demos:
+        p = enc.encode(d["prompt"])
+        if p is None or len(p) >= s.max_length:
+            continue
+        r = enc.encode_response(d["response"])
+        if len(p) + len(r) > s.max_length:
+            cut += 1
+            r = r[:s.max_length - len(p)]
+        feats.append({"prompt_ids": p, "response_ids": r})
+    seed_everything(cfg.seed, "sft")
+    device = resolve_device(cfg.model.device)
+    if s.from_scratch is not None:
+        model = new_model(tok, s.from_scratch).to(device)
+    else:
+        if not cfg.model.name_or_path:
+            raise ValueError("model.name_or_path is needed for the SFT stage (or sft.from_scratch)")
+        model = load_causal_lm(cfg.model.name_or_path, cfg.model, device, train=True)
+    partial = lay.partial("sft", "train")
+    args = _training_args(partial, cfg, batch_size=s.batch_size, per_device=None, lr=s.learning_rate,
+                          epochs=s.epochs, scheduler=s.lr_scheduler_type, warmup=s.warmup_ratio,
+                          weight_decay=s.weight_decay, max_steps=s.max_steps)
+    trainer = Trainer(model=model, args=args, train_dataset=ListDataset(feats), data_collator=SFTCollator(
+        tok.pad_token_id), processing_class=tok, callbacks=[CrashPointCallback("sft")])
+    t0 = time.perf_counter()
+    trainer.train(resume_from_checkpoint=last_checkpoint(partial))
+    metrics = {**stats.as_metrics("data/sft"), **enc.metrics(), "sft/examples": len(feats),
+               "sft/responses_truncated": cut, "sft/steps": trainer.state.global_step,
+               "sft/seconds_computed": time.perf_counter() - t0, **_summary(trainer.state.log_history, "sft")}
+    return _finish(trainer, tok, lay.sft_model, partial, metrics, lay.stage_metrics("sft", "sft"),
+                   lay.path("sft", "sft_log.jsonl"))
