@@ -72,7 +72,7 @@ class DataConfig:
     prompts: str | None = _f(None, "unlabelled prompt pool for the iterations (default: the prompts of data.seed "
                                    "not taken into the seed)")
     prompts_split: str = _f("train_prefs", "split for a datasets name")
-    iteration_prompts: list[float] = _f([8000, 20000, 30000], "prompts per iteration, disjoint slices of the "
+    iteration_prompts: list[float] = _f([8000.0, 20000.0, 30000.0], "prompts per iteration, disjoint slices of the "
                                                               "shuffled pool: counts, or fractions (<= 1) of it")
     max_prompt_length: int = _f(512, "prompt tokens (chat template applied) allowed")
     long_prompts: Literal["skip", "truncate"] = _f("skip", "a longer prompt is skipped, or truncated keeping its "
@@ -231,7 +231,7 @@ class Config:
 
     def fingerprint(self) -> str:
         """Hash of the settings that determine a run's results (output_dir excluded: a moved run still resumes)."""
-        d = self.to_dict()
+        d = Config.from_dict(self.to_dict()).to_dict()  # values coerced as a loaded file's are (8000 -> 8000.0)
         d.pop("output_dir")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -207,9 +207,11 @@ def _training_args(out_dir: str, cfg, *, batch_size: int, per_device: int | None
               learning_rate=lr, num_train_epochs=epochs, max_steps=max_steps, lr_scheduler_type=scheduler,
               warmup_steps=warmup, weight_decay=weight_decay, logging_steps=t.logging_steps, save_strategy="steps",
               save_steps=t.save_steps, save_total_limit=2, report_to=t.report_to, seed=cfg.seed, data_seed=cfg.seed,
-              bf16=t.bf16, gradient_checkpointing=t.gradient_checkpointing, remove_unused_columns=False,
+              bf16=t.bf16, remove_unused_columns=False,
               dataloader_num_workers=0, disable_tqdm=False, use_cpu=resolve_device(cfg.model.device).type == "cpu",
               deepspeed=t.deepspeed, fsdp=t.fsdp or "", **extra)
+    if t.gradient_checkpointing:  # transformers 5 name (gradient_checkpointing is deprecated there)
+        kw["activation_checkpointing"] = True
     unknown = set(t.trainer_args) - {f.name for f in dataclasses.fields(TrainingArguments)}
     if unknown:
         raise ValueError(f"train.trainer_args: unknown TrainingArguments field(s) {sorted(unknown)}")
