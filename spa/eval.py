@@ -14,11 +14,10 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 
 from . import data as data_mod
 from .generate import generate_responses
-from .io import Layout, atomic_write_json, atomic_write_jsonl, read_json, read_jsonl, sharded
+from .io import Layout, atomic_write_json, atomic_write_jsonl, read_json, read_jsonl, remove_partial, sharded
 from .judges import ImplicitRewardJudge, init_model_path
 from .modeling import load_causal_lm, load_tokenizer, resolve_device
 from .oracle import load_oracle, pairwise_win
@@ -100,7 +99,7 @@ def run_eval(cfg, iteration: int | None) -> str:
         result["eval/reward_pairs"] = len(scores)
 
     atomic_write_json(lay.eval(name), result)
-    shutil.rmtree(lay.partial(name, "eval"), ignore_errors=True)
+    remove_partial(lay.partial(name, "eval"))
     logger.info("eval %s: %s", name, {k: round(v, 4) for k, v in result.items() if isinstance(v, float)})
     return lay.eval(name)
 

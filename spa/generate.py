@@ -8,13 +8,12 @@ Writes output_dir/iter_<i>/samples.jsonl: {"id", "prompt", "responses": [K], "fi
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 
 import torch
 
 from . import data as data_mod
-from .io import Layout, atomic_write_json, atomic_write_jsonl, seed_everything, sharded
+from .io import Layout, atomic_write_json, atomic_write_jsonl, remove_partial, seed_everything, sharded
 from .modeling import load_causal_lm, load_tokenizer, resolve_device
 
 logger = logging.getLogger("spa")
@@ -111,7 +110,7 @@ def run_generate(cfg, iteration: int) -> str:
                "generate/shards_computed": totals["shards_computed"]}
     atomic_write_json(lay.stage_metrics(f"iter_{iteration}", "generate"), metrics)
     atomic_write_jsonl(final, rows)  # last: its existence marks the stage done
-    shutil.rmtree(lay.partial(f"iter_{iteration}", "generate"), ignore_errors=True)
+    remove_partial(lay.partial(f"iter_{iteration}", "generate"))
     logger.info("generate iter %d: %d prompts x %d samples, %.0f tokens/s", iteration, len(rows), g.num_samples,
                 metrics["generate/tokens_per_s"])
     return final

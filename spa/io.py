@@ -82,6 +82,17 @@ def commit_dir(tmp: str, final: str) -> None:
     os.replace(tmp, final)
 
 
+def remove_partial(folder: str) -> None:
+    """Deletes a finished stage's work folder under .partial/, and its parents once they are empty."""
+    shutil.rmtree(folder, ignore_errors=True)
+    parent = os.path.dirname(folder)
+    while os.path.basename(parent) != "" and os.path.isdir(parent) and not os.listdir(parent):
+        os.rmdir(parent)
+        if os.path.basename(parent) == ".partial":
+            break
+        parent = os.path.dirname(parent)
+
+
 def seed_everything(*keys) -> int:
     """Seeds python, numpy and torch from a hash of `keys` (e.g. (cfg.seed, "generate", 3)); returns the seed.
     Each stage and shard seeds itself, so a resumed one draws the same numbers as an uninterrupted one."""

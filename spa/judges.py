@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import logging
 import random
-import shutil
 import time
 
 import torch
 
 from . import data as data_mod
-from .io import Layout, atomic_write_json, atomic_write_jsonl, read_jsonl, sharded
+from .io import Layout, atomic_write_json, atomic_write_jsonl, read_jsonl, remove_partial, sharded
 from .modeling import load_causal_lm, load_tokenizer, resolve_device, score_sequences
 from .oracle import load_oracle, pairwise_win
 from .select import NEEDS_EMBEDDINGS, select_pair
@@ -278,7 +277,7 @@ def run_judge(cfg, iteration: int) -> str:
                          oracle(data_mod.prompt_text(p["prompt"]), p["rejected"])) for p in kept) / len(kept)
     atomic_write_json(lay.stage_metrics(f"iter_{iteration}", "judge"), metrics)
     atomic_write_jsonl(lay.pairs(iteration), kept)
-    shutil.rmtree(lay.partial(f"iter_{iteration}", "judge"), ignore_errors=True)
+    remove_partial(lay.partial(f"iter_{iteration}", "judge"))
     logger.info("judge iter %d: %d pairs kept of %d prompts", iteration, len(kept), len(rows))
     return lay.pairs(iteration)
 

@@ -23,7 +23,6 @@ import glob
 import json
 import logging
 import os
-import shutil
 import time
 from collections import defaultdict
 
@@ -34,8 +33,17 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 import spa_kernels as sk
 
 from . import data as data_mod
-from .io import Layout, atomic_dir, atomic_write_json, atomic_write_jsonl, commit_dir, crash_point, read_jsonl
-from .io import seed_everything
+from .io import (
+    Layout,
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_jsonl,
+    commit_dir,
+    crash_point,
+    read_jsonl,
+    remove_partial,
+    seed_everything,
+)
 from .judges import init_model_path
 from .modeling import load_causal_lm, load_tokenizer, output_head, pad_sequences, resolve_device, score_sequences
 from .refine import NoiseDetector, lam_for_iteration, refine_alpha
@@ -226,7 +234,7 @@ def _finish(trainer, tok, final: str, partial: str, metrics: dict, metrics_path:
     atomic_write_jsonl(log_path, trainer.state.log_history)
     atomic_write_json(metrics_path, metrics)
     commit_dir(tmp, final)  # last: the model folder's existence marks the stage done
-    shutil.rmtree(partial, ignore_errors=True)
+    remove_partial(partial)
     return final
 
 
