@@ -1,0 +1,69 @@
+"""The built-in offline task (spa.tasks) and the `spa demo` command on tiny settings."""
+
+import json
+import os
+from collections import Counter
+
+import pytest
+from transformers import AutoTokenizer
+
+from spa.cli import main
+from spa.tasks import reverse
+from spa.tasks.chartok import char_tokenizer
+
+from .conftest import TINY_MODEL
+
+
+def test_oracle_gives_partial_credit():
+    p = "reverse: planet"
+    assert reverse.oracle(p, "tenalp") == 1.0
+    assert reverse.oracle(p, " tenalp ") == 1.0
+    scores = [reverse.oracle(p, r) for r in ("tenalp", "tenalpp", "tenapl", "tena", "planet", "", "zzzzzzzzzzzz")]
+    assert scores[:4] == pytest.approx([1.0, 6 / 7, 4 / 6, 4 / 6])  # every error costs part of the credit
+    assert 0 < scores[4] < scores[3] and scores[5] == scores[6] == 0.0
+    assert reverse.levenshtein("kitten", "sitting") == 3
+
+
+def test_task_is_deterministic_with_mixed_quality_demonstrations():
+    a = reverse.build(n_sft=400, n_prefs=50, n_eval_prompts=10, n_eval_pairs=10, seed=0)
+    assert a == reverse.build(n_sft=400, n_prefs=50, n_eval_prompts=10, n_eval_pairs=10, seed=0)
+    words = [reverse.word_of(r["prompt"]) for rows in a.values() for r in rows]
+    assert len(words) == len(set(words)) == 470  # no word is shared between the files
+    exact = Counter(r["response"] == reverse.target(reverse.word_of(r["prompt"])) for r in a["sft"])
+    assert 0.3 < exact[True] / 400 < 0.55  # 40% careful annotators: the SFT model has headroom
+    for pair in a["prefs"]:
+        assert pair["score_chosen"] > pair["score_rejected"]
+        assert pair["score_chosen"] == reverse.oracle(pair["prompt"], pair["chosen"][-1]["content"])
+
+
+def test_char_tokenizer_round_trip(tmp_path):
+    char_tokenizer().save_pretrained(tmp_path / "tok")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    ids = tok("hello world", add_special_tokens=False).input_ids
+    assert len(ids) == 11 and tok.decode(ids) == "hello world"
+    msgs = [{"role": "user", "content": "reverse: ab"}, {"role": "assistant", "content": "ba"}]
+    text = tok.apply_chat_template(msgs, tokenize=False)
+    assert text == "<s><|user|>reverse: ab<|assistant|>ba</s>"
+    assert tok.decode(tok(text, add_special_tokens=False).input_ids) == text
+    assert tok.eos_token == "</s>" and tok.pad_token == "<pad>"
+
+
+def test_spa_demo_command(tmp_path, capsys):
+    """`spa demo --quick` end to end on tiny settings (the real demo differs only in sizes), two seeds, resumable."""
+    tiny = [f"sft.from_scratch={json.dumps(TINY_MODEL)}", "sft.max_steps=3", "train.seed_epochs=0.1",
+            "data.iteration_prompts=[6]", "loop.iterations=1", "eval.max_prompts=6", "generate.max_new_tokens=6",
+            "model.device=cpu"]
+    argv = ["demo", "--quick", "--dir", str(tmp_path), "--seeds", "0", "1"] + [a for s in tiny for a in ("--set", s)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    for row in ("SFT", "DPO on seed", "SPA iter 1", "mean ± std over seeds [0, 1]", "win rate vs SFT"):
+        assert row in out
+    summary = json.loads((tmp_path / "quick" / "summary.json").read_text())
+    assert summary["seeds"] == [0, 1] and [r["model"] for r in summary["mean_std"]] == \
+        ["SFT", "DPO on seed", "SPA iter 1"]
+    win = [summary["per_seed"][s][1]["win_rate"] for s in ("0", "1")]
+    assert summary["mean_std"][1]["win_rate"] == pytest.approx(sum(win) / 2)
+    assert os.path.exists(tmp_path / "quick" / "seed_1" / "iter_1" / "pairs.jsonl")
+    # rerunning re-reads the finished runs
+    assert main(argv) == 0
+    assert "SPA iter 1" in capsys.readouterr().out
