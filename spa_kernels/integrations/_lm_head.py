@@ -208,13 +208,14 @@ def add_logprob_head(model, *, impl: str = "auto") -> None:
     if getattr(model, _MARK, None) is not None:
         setattr(model, _MARK, impl)
         return
-    previous_forward = model.forward
+    # kept on the instance, not in the closure, so that copy.deepcopy(model) rebinds it to the copy
+    model._spa_previous_forward = model.forward
     setattr(model, _MARK, impl)
 
     @functools.wraps(type(model).forward)  # keeps the signature generate() validates its kwargs against
     def forward(self, *args, spa_logprobs=False, spa_token_stats=False, **kwargs):
         if not spa_logprobs:
-            return previous_forward(*args, **kwargs)
+            return self._spa_previous_forward(*args, **kwargs)
         labels = kwargs.pop("labels", None)
         if labels is None:
             raise ValueError("spa_logprobs=True needs labels [N, T] (token ids, -100 where not scored)")
