@@ -2,21 +2,24 @@
 backbone and scores the labels straight from the last hidden states with `linear_sequence_logprobs`, never
 building [batch, seq, vocab] logits, and returns per-sequence log-probs.
 
-The head is a patched `model.forward`, not a separate call, so that everything a wrapper arms in the model's
-forward still happens: DDP's reducer bookkeeping, FSDP's unsharding of the root module's parameters (lm_head
-included), DeepSpeed ZeRO-3's forward/backward hooks. Like TRL's fused head it reads `lm_head.weight` directly,
-so under ZeRO-3 it gathers that weight itself (in the forward and again in the backward, which recomputes the
-logits), and an FSDP2 DTensor weight is made whole first.
+Two choices make it work under the engines that shard or wrap parameters:
+- The head is a patched `model.forward`, so whatever a wrapper arms around the model's forward still happens
+  (DDP's reducer bookkeeping; FSDP's unsharding of the root unit; DeepSpeed's hooks).
+- The fused computation runs *as the lm_head module's forward* (the module is called, with its forward swapped
+  for the fused one), so the hooks that engines hang on that module fire around it exactly as for an ordinary
+  lm_head call: FSDP2 unshards its weight and reduce-scatters its gradient, DeepSpeed ZeRO-3 gathers the
+  partitioned weight for the forward and again before the backward, accelerate's device_map hooks move inputs
+  and load offloaded weights. Reading `lm_head.weight` directly instead (as TRL 1.16 and Liger do) sees a
+  sharded or empty weight when the lm_head is its own FSDP unit or is partitioned, and its gradient skips the
+  engine's reduction.
 
 Logit transforms between the lm_head and the softmax are read from the config the way TRL 1.16 reads them:
 a positive logit scale (Cohere `logit_scale`, `output_multiplier`, Falcon-H1 `lm_head_multiplier`, Granite /
 MiniCPM3 `logits_scaling`) is applied exactly, as temperature = 1 / scale; final-logit softcapping (Gemma 2/3)
 is refused, since the fused kernels compute log_softmax(h W^T / temperature) only.
 """
-
 from __future__ import annotations
 
-import contextlib
 import functools
 import types
 from dataclasses import dataclass
@@ -74,27 +77,13 @@ def check_fusable(model) -> float:
                          "and cannot apply tanh softcapping. Use the model's own loss (e.g. trl.DPOTrainer) for it.")
     if not scale > 0:
         raise ValueError(f"{name} scales its logits by {scale}; the fused head supports a positive logit scale only")
-    if model.get_output_embeddings() is None or not hasattr(model.get_output_embeddings(), "weight"):
+    head = model.get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
         raise ValueError(f"{name} has no output embedding (lm_head) with a weight to fuse the log-probs into")
+    if hasattr(head, "base_layer"):  # a PEFT tuner layer: its adapter would be skipped by reading the weight
+        raise ValueError(f"{name} has a PEFT adapter on its lm_head; the fused head reads lm_head.weight and "
+                         "would never train it. Remove 'lm_head' from the adapter's target_modules.")
     return scale
-
-
-def zero3_gather(*params):
-    """Gathers ZeRO-3 partitioned parameters for a direct read (the lm_head module's own gather hook never fires
-    because the fused head does not call it). A null context without DeepSpeed ZeRO-3 or when already gathered
-    (tied embeddings keep the weight available after embed_tokens ran)."""
-    try:
-        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-    except ImportError:  # pragma: no cover - transformers without the deepspeed integration
-        return contextlib.nullcontext()
-    if not is_deepspeed_zero3_enabled():
-        return contextlib.nullcontext()
-    import deepspeed
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-    # deduplicated by identity: ZeRO-3 mishandles a parameter listed twice (tied or shared weights)
-    todo = {id(p): p for p in params if p is not None and getattr(p, "ds_status", None) != ZeroParamStatus.AVAILABLE}
-    return deepspeed.zero.GatheredParameters(list(todo.values())) if todo else contextlib.nullcontext()
 
 
 def fused_logps(hidden, weight, bias, labels, dtype, options):
@@ -104,31 +93,6 @@ def fused_logps(hidden, weight, bias, labels, dtype, options):
     with torch.autocast(hidden.device.type, enabled=False):
         cast = (lambda t: None if t is None else t.to(dtype))
         return linear_sequence_logprobs(cast(hidden), cast(weight), labels, bias=cast(bias), **options)
-
-
-class RegatheredLinearLogprobs(torch.autograd.Function):
-    """fused_logps for a weight that is only readable inside `gather(weight, bias)` (ZeRO-3). The caller enters the
-    gather around `apply` (so autograd records the full shapes); the backward enters it again and recomputes the
-    forward under autograd, since the kernels' own backward reads the weight too."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, gather, dtype, options):
-        ctx.save_for_backward(hidden, weight, bias, labels)
-        ctx.gather, ctx.dtype, ctx.options = gather, dtype, options
-        return fused_logps(hidden, weight, bias, labels, dtype, options)
-
-    @staticmethod
-    def backward(ctx, grad):
-        hidden, weight, bias, labels = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:3]
-        with ctx.gather(weight, bias), torch.enable_grad():
-            inputs = [None if t is None else t.detach().requires_grad_(need)
-                      for t, need in zip((hidden, weight, bias), needs)]
-            out = fused_logps(*inputs, labels, ctx.dtype, ctx.options)
-            wanted = [t for t, need in zip(inputs, needs) if need]
-            grads = iter(torch.autograd.grad(out, wanted, grad) if wanted else ())
-            result = [next(grads) if need else None for need in needs]
-        return (*result, None, None, None, None)
 
 
 @torch.no_grad()
@@ -150,17 +114,20 @@ def token_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return entropy, mean, top1
 
 
-def _head_weights(model):
-    head = model.get_output_embeddings()
-    weight, bias = head.weight, getattr(head, "bias", None)
-    try:  # FSDP2 keeps parameters as DTensors outside its unshard window (e.g. an lm_head wrapped on its own)
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        DTensor = ()
-    if isinstance(weight, DTensor):
-        weight = weight.full_tensor()
-        bias = bias.full_tensor() if isinstance(bias, DTensor) else bias
-    return weight, bias
+def call_as_forward(module: torch.nn.Module, fn, *args):
+    """fn(*args) run as `module`'s forward, so the hooks that engines hang on the module run around it."""
+    target = getattr(module, "_fsdp_wrapped_module", module)  # FSDP1 wraps the module rather than hooking it
+    # accelerate's device_map hooks replace `forward` with a wrapper that calls `_old_forward`
+    attr = "_old_forward" if hasattr(target, "_hf_hook") and hasattr(target, "_old_forward") else "forward"
+    previous = target.__dict__.get(attr)
+    setattr(target, attr, fn)
+    try:
+        return module(*args)
+    finally:
+        if previous is None:
+            delattr(target, attr)
+        else:
+            setattr(target, attr, previous)
 
 
 def sequence_logprobs_from_hidden(model, hidden: torch.Tensor, labels: torch.Tensor, *, impl: str = "auto",
@@ -169,32 +136,40 @@ def sequence_logprobs_from_hidden(model, hidden: torch.Tensor, labels: torch.Ten
     """Scores labels [N, T] (already aligned with hidden [N, T, H]: label t is predicted from hidden t) through the
     model's lm_head without building logits."""
     scale = check_fusable(model) if scale is None else scale
-    weight, bias = _head_weights(model)
-    device = weight.device
-    # under autocast the lm_head runs in the autocast dtype, as the model's own lm_head (and TRL's head) would
-    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else weight.dtype
-    hidden, labels = hidden.to(device), labels.to(device)  # the backbone may end elsewhere with a device_map
+    head = model.get_output_embeddings()
     mask = labels != -100
     options = dict(ignore_index=-100, temperature=1.0 / scale, impl=impl)
-    gather = zero3_gather(weight, bias)
-    with gather:
-        if isinstance(gather, contextlib.nullcontext):
-            logps = fused_logps(hidden, weight, bias, labels, dtype, options)
-        else:
-            logps = RegatheredLinearLogprobs.apply(hidden, weight, bias, labels, zero3_gather, dtype, options)
-        out = SequenceLogprobsOutput(logps=logps, num_tokens=mask.sum(-1))
-        if token_stats_wanted:
-            rows = mask.nonzero()[:, 0]
-            flat = mask.reshape(-1).nonzero().squeeze(1)
-            h = hidden.detach().reshape(-1, hidden.shape[-1]).index_select(0, flat).to(dtype)
-            with torch.autocast(device.type, enabled=False):
-                entropy, mean, top1 = token_stats(h, weight.detach().to(dtype),
-                                                  None if bias is None else bias.detach().to(dtype),
-                                                  labels.reshape(-1).index_select(0, flat), scale)
-            zeros = torch.zeros(labels.shape[0], dtype=torch.float32, device=device)
-            out.entropy_sum = zeros.index_add(0, rows, entropy)
-            out.mean_logit_sum = zeros.index_add(0, rows, mean)
-            out.top1_count = zeros.index_add(0, rows, top1.float())
+
+    def fused_head(hidden, labels):
+        weight, bias = head.weight, getattr(head, "bias", None)
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # pragma: no cover - torch without DTensor
+            DTensor = ()
+        if isinstance(weight, DTensor):
+            raise ValueError("the lm_head weight is a sharded DTensor inside the lm_head's own forward (tensor "
+                             "parallelism?); the fused head supports FSDP / ZeRO-3 sharding, not sharded matmuls")
+        # under autocast the lm_head runs in the autocast dtype, as the model's own lm_head would
+        device = weight.device
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else weight.dtype
+        hidden, labels = hidden.to(device), labels.to(device)  # the backbone may end elsewhere (device_map)
+        logps = fused_logps(hidden, weight, bias, labels, dtype, options)
+        if not token_stats_wanted:
+            return (logps,)
+        valid = labels != -100
+        flat = valid.reshape(-1).nonzero().squeeze(1)
+        with torch.autocast(device.type, enabled=False):
+            stats = token_stats(hidden.detach().reshape(-1, hidden.shape[-1]).index_select(0, flat).to(dtype),
+                                weight.detach().to(dtype), None if bias is None else bias.detach().to(dtype),
+                                labels.reshape(-1).index_select(0, flat), scale)
+        rows = valid.nonzero()[:, 0]
+        zeros = torch.zeros(labels.shape[0], dtype=torch.float32, device=device)
+        return (logps, *(zeros.index_add(0, rows, x.float()) for x in stats))
+
+    outputs = call_as_forward(head, fused_head, hidden, labels)
+    out = SequenceLogprobsOutput(logps=outputs[0], num_tokens=mask.sum(-1))
+    if token_stats_wanted:
+        out.entropy_sum, out.mean_logit_sum, out.top1_count = outputs[1:]
     return out
 
 

@@ -79,9 +79,9 @@ def main(argv=None):
     opts.output_dir = opts.output_dir or os.path.dirname(os.path.abspath(opts.out))
     trainer = DRIVERS[opts.driver](opts)
     trainer.train()
+    state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # collective: gathers ZeRO-3 / FSDP shards
     if trainer.accelerator.is_main_process:
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        torch.save({"state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        torch.save({"state": {k: v.detach().cpu().float().clone() for k, v in state.items()},
                     "world_size": trainer.accelerator.num_processes,
                     "distributed_type": str(trainer.accelerator.distributed_type),
                     "log": trainer.state.log_history}, opts.out)

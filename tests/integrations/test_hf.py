@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from spa_kernels import preference_loss
-from spa_kernels.integrations import _lm_head
 from spa_kernels.integrations.hf import (PreferenceCollator, PreferenceTrainer, add_logprob_head, preference_logps,
                                          preference_loss_from_model)
 from spa_kernels.integrations.toy import tiny_llama
@@ -166,45 +165,55 @@ def test_head_refusals_and_passthrough(tokenizer, rows):
         preference_logps(moe, batch)
 
 
-class PartitionedGather:
-    """Stands in for DeepSpeed ZeRO-3: between gathers the lm_head weight's data is a NaN tensor (its 'partitioned'
-    state), so any read outside a gather poisons the result. Like DeepSpeed it swaps `param.data`, which leaves
-    autograd's version counter alone. Counts the gathers."""
+def partition_like_zero3(module):
+    """Stands in for DeepSpeed ZeRO-3 on `module` with its own kind of hooks: outside the module's forward its
+    weight's data is a NaN tensor (its 'partitioned' state; any read there poisons the result); a forward pre-hook
+    gathers it, a forward hook releases it and arms a gather on the outputs' gradients for the backward, and a
+    post-accumulate-grad hook releases it again. Like DeepSpeed, it swaps `param.data`. Returns the event log."""
+    weight, full = module.weight, module.weight.data
+    partitioned = torch.full_like(full, float("nan"))
+    events = []
 
-    def __init__(self, weight):
-        self.weight, self.full, self.count = weight, weight.data, 0
-        self.partitioned = torch.full_like(weight.data, float("nan"))
-        weight.data = self.partitioned
+    def gather(*_):
+        events.append("gather")
+        weight.data = full
 
-    def __call__(self, *params):
-        assert any(p is self.weight for p in params)
-        return self
+    def release(*_):
+        events.append("release")
+        weight.data = partitioned
 
-    def __enter__(self):
-        self.count += 1
-        self.weight.data = self.full
+    def after_forward(mod, args, outputs):
+        release()
+        for out in outputs if isinstance(outputs, tuple) else (outputs,):
+            if out.requires_grad:
+                out.register_hook(lambda grad: (gather(), grad)[1])
 
-    def __exit__(self, *exc):
-        self.weight.data = self.partitioned
+    module.register_forward_pre_hook(gather)
+    module.register_forward_hook(after_forward)
+    weight.register_post_accumulate_grad_hook(release)
+    release()
+    events.clear()
+    return events
 
 
-def test_zero3_style_gather_in_forward_and_backward(tokenizer, rows, monkeypatch):
+def test_head_runs_inside_lm_head_hooks(tokenizer, rows):
+    """The fused head is the lm_head's forward: engine hooks on that module (here a ZeRO-3 imitation) gather the
+    weight for the forward and the backward; results equal the unpartitioned model's."""
     policy, ref = models(tokenizer)
     batch = PreferenceCollator(tokenizer)(rows[:3])
-    want = preference_loss_from_model(copy.deepcopy(policy), batch, ref_model=ref)
     expected = copy.deepcopy(policy)
-    preference_loss_from_model(expected, batch, ref_model=ref).loss.backward()
+    want = preference_loss_from_model(expected, batch, ref_model=ref)
+    want.loss.backward()
 
-    gather = PartitionedGather(policy.lm_head.weight)
-    monkeypatch.setattr(_lm_head, "zero3_gather", lambda *p: gather(*p) if any(
-        q is gather.weight for q in p) else _lm_head.contextlib.nullcontext())
+    events = partition_like_zero3(policy.lm_head)
     got = preference_loss_from_model(policy, batch, ref_model=ref)
     got.loss.backward()
-    assert gather.count == 2  # once around the forward, once in the backward's recompute
+    assert events == ["gather", "release", "gather", "release"]
     assert got.loss.item() == pytest.approx(want.loss.item(), rel=1e-6)
     for (name, p), q in zip(policy.named_parameters(), expected.parameters()):
         assert torch.isfinite(p.grad).all(), name
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert "forward" not in policy.lm_head.__dict__  # the swapped-in forward is gone again
 
 
 def test_preference_trainer(tokenizer, rows, tmp_path):
