@@ -34,7 +34,8 @@ def main(argv=None) -> PreferenceTrainer:
     training_args = TrainingArguments(
         output_dir=args.output_dir or tempfile.mkdtemp(prefix="spa_hf_"), max_steps=args.steps,
         per_device_train_batch_size=8, learning_rate=args.lr, lr_scheduler_type="constant", logging_steps=10,
-        report_to="none", save_strategy="no", bf16=torch.cuda.is_available(), disable_tqdm=True, seed=0)
+        report_to="none", save_strategy="no", bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=True, seed=0)
     trainer = PreferenceTrainer(model=policy, ref_model=ref, args=training_args, processing_class=tokenizer,
                                 train_dataset=Dataset.from_list(arithmetic_preferences(256)),
                                 eval_dataset=Dataset.from_list(arithmetic_preferences(32, seed=1)),

@@ -34,8 +34,8 @@ def main(argv=None) -> DPOTrainer:
     config = DPOConfig(
         output_dir=args.output_dir or tempfile.mkdtemp(prefix="spa_trl_"), max_steps=args.steps,
         per_device_train_batch_size=8, learning_rate=args.lr, lr_scheduler_type="constant", logging_steps=10,
-        report_to="none", save_strategy="no", bf16=torch.cuda.is_available(), disable_tqdm=True, seed=0,
-        loss_type=[args.loss_type], beta=args.beta, max_length=32)
+        report_to="none", save_strategy="no", bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=True, seed=0, loss_type=[args.loss_type], beta=args.beta, max_length=32)
     trainer = DPOTrainer(model=policy, ref_model=ref, args=config, processing_class=tokenizer,
                          train_dataset=Dataset.from_list(arithmetic_preferences(256)))
     trainer.train()
