@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import logging
 import os
 import random
@@ -54,7 +53,8 @@ def preference_rows(n: int, prompt: int, completion: int, seed: int = 0) -> list
 
 def make_trainer(variant, vocab, opts, device, output_dir):
     from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer as TRLDPOTrainer
+    from trl import DPOConfig
+    from trl import DPOTrainer as TRLDPOTrainer
 
     from spa_kernels.integrations.toy import char_tokenizer, tiny_llama
     from spa_kernels.integrations.trl import DPOTrainer
@@ -95,10 +95,7 @@ def run_variant(variant, vocab, opts, device):
             model.zero_grad(set_to_none=True)
             trainer._metrics["train"].clear()
 
-        result = _harness.measure(step, device, reps=opts.reps, reset=reset)
-        del trainer, model, inputs
-        gc.collect()
-        return {**result, "tokens": tokens}
+        return {**_harness.measure(step, device, reps=opts.reps, reset=reset), "tokens": tokens}
 
 
 def run_isolated(variant, vocab, opts, device):

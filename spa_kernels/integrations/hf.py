@@ -26,7 +26,7 @@ import torch
 import transformers
 
 from .. import LOSS_TYPES, PreferenceLossOutput, preference_loss
-from ._lm_head import SequenceLogprobsOutput, _MARK, add_logprob_head
+from ._lm_head import _MARK, SequenceLogprobsOutput, add_logprob_head
 
 __all__ = ["PreferenceCollator", "PreferenceLossMixin", "PreferenceTrainer", "add_logprob_head",
            "preference_logps", "preference_loss_from_model", "reference_logps"]

@@ -79,8 +79,9 @@ class SpaDPOMixin:
                     model = self.accelerator.unwrap_model(model)
                     add_logprob_head(model.get_base_model() if is_peft_model(model) else model, impl=self.spa_impl)
             if self.label_smoothing and set(self.loss_types) - {"robust"}:
-                logger.warning("spa_kernels: label_smoothing=%s only applies to loss_type 'robust' here, as in TRL "
-                               "%s, which ignores it for sigmoid, ipo and hinge.", self.label_smoothing, trl.__version__)
+                logger.warning("spa_kernels: label_smoothing=%s only applies to loss_type 'robust' here, as in "
+                               "TRL %s, which ignores it for sigmoid, ipo and hinge.", self.label_smoothing,
+                               trl.__version__)
             self._spa_state = True
         return self._spa_state
 

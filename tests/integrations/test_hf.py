@@ -9,8 +9,13 @@ import pytest
 import torch
 
 from spa_kernels import preference_loss
-from spa_kernels.integrations.hf import (PreferenceCollator, PreferenceTrainer, add_logprob_head, preference_logps,
-                                         preference_loss_from_model)
+from spa_kernels.integrations.hf import (
+    PreferenceCollator,
+    PreferenceTrainer,
+    add_logprob_head,
+    preference_logps,
+    preference_loss_from_model,
+)
 from spa_kernels.integrations.toy import tiny_llama
 from tests.integrations.conftest import models
 

@@ -14,7 +14,6 @@ from datasets import Dataset  # noqa: E402
 from trl import DPOConfig  # noqa: E402
 
 from spa_kernels.integrations import trl as spa_trl  # noqa: E402
-from spa_kernels.integrations.toy import tiny_llama  # noqa: E402
 from tests.integrations.conftest import models, perturbed  # noqa: E402
 
 LOSS_TYPES = ["sigmoid", "ipo", "hinge", "robust"]
