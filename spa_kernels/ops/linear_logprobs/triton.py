@@ -155,7 +155,10 @@ def _linear_grad_logits_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, coef_pt
 
 def _kernel_flags(*tensors) -> dict:
     dtypes = [t.dtype for t in tensors if t is not None]
-    return {"DOT_F32": _triton.dot_f32(*dtypes), "PRECISION": _triton.dot_precision()}
+    dot_f32 = _triton.dot_f32(*dtypes)
+    # the precision only means something for float32 operands; reduced-precision tiles keep triton's default
+    precision = _triton.dot_precision() if dot_f32 or torch.float32 in dtypes else "tf32"
+    return {"DOT_F32": dot_f32, "PRECISION": precision}
 
 
 def _slices(M: int, V: int, device: torch.device) -> tuple[int, int]:
