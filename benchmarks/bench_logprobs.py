@@ -125,7 +125,8 @@ def main(argv=None):
         r["floor_ms"] = 3 * r["grad_mb"] * 2**20 / bandwidth * 1e3  # read logits twice, write the gradient once
         r["traffic_floor"] = r["floor_ms"] / r["ms"]
     _harness.print_table(rows, ["impl", "dtype", "tokens", "V", "ms", "speedup_vs_eager", "peak_extra_mb",
-                                "mem_vs_eager", "mem_vs_grad", "floor_ms", "traffic_floor"], title="sequence_logprobs forward+backward")
+                                "mem_vs_eager", "mem_vs_grad", "floor_ms", "traffic_floor"],
+                         title="sequence_logprobs forward+backward")
     path = _harness.write_csv(rows, "bench_logprobs", device)
     print(f"wrote {path}")
     if not args.no_plot:
