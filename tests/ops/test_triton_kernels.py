@@ -189,3 +189,21 @@ def test_gpu_triton_agrees_with_cuda():
         outs[impl][0].sum().backward()
     torch.testing.assert_close(outs["triton"][0], outs["cuda"][0], rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(outs["triton"][1].grad, outs["cuda"][1].grad, rtol=1e-2, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_gpu_new_token_counts_reuse_the_tuned_configs():
+    from spa_kernels.ops.logprobs import triton as logprobs_triton
+
+    linear_triton, _ = _linear_modules()
+    H, V = 256, 5000
+    weight = torch.randn(V, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    for T in (17, 100, 333):  # new sequence lengths: same (V, H, dtype), so no new tuning entry
+        hidden = torch.randn(2, T, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        labels = torch.randint(0, V, (2, T), device="cuda")
+        sk.linear_sequence_logprobs(hidden, weight, labels, impl="triton").sum().backward()
+        sk.sequence_logprobs(torch.randn(2, T, V, device="cuda", dtype=torch.bfloat16), labels, impl="triton")
+    for name in ("_logprobs_fwd_kernel", "_linear_lse_fwd_kernel", "_linear_grad_logits_kernel"):
+        kernel = getattr(logprobs_triton if name == "_logprobs_fwd_kernel" else linear_triton, name)
+        entries = [k for k in kernel.cache if V in k]  # autotuning cache: (key values..., dtypes...) -> config
+        assert len(entries) == 1, (name, list(kernel.cache))
