@@ -154,3 +154,36 @@ def free_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     return _status_kb("MemAvailable") if False else int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def _time_ms(fn, device: torch.device, reps: int = 5) -> float:
+    """Median milliseconds of fn() (do_bench on a GPU, wall clock after one warm-up run on the CPU)."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100)
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, n: int | None = None) -> float:
+    """Dense matmul rate this device reaches with torch.mm on [n, n] x [n, n] of `dtype` (the floor's yardstick)."""
+    n = n or (8192 if device.type == "cuda" else 512)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    ms = _time_ms(lambda: torch.mm(a, b), device)
+    return 2 * n ** 3 / (ms * 1e-3)
+
+
+def copy_bytes_per_s(device: torch.device, nbytes: int | None = None) -> float:
+    """Memory bandwidth of a large device copy (bytes read + bytes written per second)."""
+    nbytes = nbytes or (2 * 2**30 if device.type == "cuda" else 256 * 2**20)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    ms = _time_ms(lambda: dst.copy_(src), device)
+    return 2 * nbytes / (ms * 1e-3)

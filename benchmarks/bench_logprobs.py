@@ -4,7 +4,10 @@
     python benchmarks/bench_logprobs.py --quick         # one shape (N=8, T=512, V=32000)
 
 Rows: "eager" is how TRL's eager path does it (log_softmax over [N, T, V] + gather); "reference" is our pure-PyTorch
-implementation (impl="torch"); then every kernel usable here, with and without the in-place backward.
+implementation (impl="torch"); then every kernel usable here, with and without the in-place backward (the Triton
+rows on a GPU only: on the CPU Triton runs in its interpreter, which is for tests, not timings).
+"traffic_floor" is the fraction of the memory-traffic floor a row reaches: the logits read twice (forward and
+backward) and the gradient written once, at the copy bandwidth the script measures on the same device first.
 Writes benchmarks/results/bench_logprobs_<device>.csv and .png.
 """
 
@@ -93,6 +96,8 @@ def main(argv=None):
     footprint = {"eager": 4.5, "reference": 3.5}
     rows = []
     print(f"device: {_harness.device_name(device)}  versions: {_harness.versions()}")
+    bandwidth = _harness.copy_bytes_per_s(device)
+    print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + write)")
     for dtype in dtypes:
         for N, T_, V in shapes:
             nbytes = N * T_ * V * torch.tensor([], dtype=dtype).element_size()
@@ -117,8 +122,11 @@ def main(argv=None):
         r["speedup_vs_eager"] = base["ms"] / r["ms"] if base else float("nan")
         r["mem_vs_eager"] = r["peak_extra_mb"] / base["peak_extra_mb"] if base and base["peak_extra_mb"] else float("nan")
         r["mem_vs_grad"] = r["peak_extra_mb"] / r["grad_mb"]
+        r["floor_ms"] = 3 * r["grad_mb"] * 2**20 / bandwidth * 1e3  # read logits twice, write the gradient once
+        r["traffic_floor"] = r["floor_ms"] / r["ms"]
     _harness.print_table(rows, ["impl", "dtype", "tokens", "V", "ms", "speedup_vs_eager", "peak_extra_mb",
-                                "mem_vs_eager", "mem_vs_grad"], title="sequence_logprobs forward+backward")
+                                "mem_vs_eager", "mem_vs_grad", "floor_ms", "traffic_floor"],
+                         title="sequence_logprobs forward+backward")
     path = _harness.write_csv(rows, "bench_logprobs", device)
     print(f"wrote {path}")
     if not args.no_plot:

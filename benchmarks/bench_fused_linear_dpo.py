@@ -1,0 +1,270 @@
+"""The DPO loss from hidden states (policy and reference lm_head in the same call): forward + backward time and peak
+extra memory, every way of computing it side by side in one run.
+
+    python benchmarks/bench_fused_linear_dpo.py           # the sweep for this machine's device
+    python benchmarks/bench_fused_linear_dpo.py --quick   # only the target point (GPU: B=8, T=1024, H=4096, V=128256)
+    python benchmarks/bench_fused_linear_dpo.py --pairs 2 --seq 256 --hidden 512 --vocab 8000 --dtype float32
+
+Rows (each: per-sequence log-probs of chosen and rejected under the policy, with gradient to hidden and the lm_head
+weight, and under the reference without gradient, then the sigmoid DPO loss, beta=0.1):
+  eager          hidden @ weight.T -> [2B, T, V] logits -> float32 log_softmax -> gather (TRL's eager path)
+  trl            TRL's fused lm_head log-probs (trl.kernels.ChunkedLogProbFunction, what
+                 `model(..., fused_lm_head=True)` runs: cuBLAS vocabulary tiles + a Triton online-LSE fold on a GPU,
+                 torch ops elsewhere), scored tokens only
+  liger          Liger-Kernel's LigerFusedLinearDPOLoss (pure PyTorch chunked over sequences; torch.compile'd on a
+                 GPU, eager on the CPU)
+  cce            Cut Cross-Entropy's linear_cross_entropy(..., reduction="none") (its Triton kernels: GPU only;
+                 optional, `pip install cut-cross-entropy`)
+  spa-<impl>     ours: spa_kernels.FusedLinearPreferenceLoss(impl=...) for every usable backend (triton and cuda on
+                 a GPU, cpu, and "reference" = the pure-PyTorch impl="torch")
+Columns: ms, peak extra MiB (beyond the inputs), speed and memory ratios against liger and eager at the same shape,
+and matmul_floor: the fraction of the GEMM floor reached, 8 * M * H * V flops (policy forward, reference forward, the
+two backward GEMMs; M = tokens with a label, the prompt excluded) at the torch.mm rate the script measures first on
+the same device and dtype. Writes benchmarks/results/bench_fused_linear_dpo_<device>.csv and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import _harness  # noqa: E402
+
+import spa_kernels as sk  # noqa: E402
+from spa_kernels import _dispatch  # noqa: E402
+
+BETA = 0.1
+GPU_TARGET = (8, 1024, 4096, 128256)  # pairs, sequence length, hidden size, vocabulary
+
+
+def dpo_from_sequence_logps(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    chosen, rejected = logps.chunk(2)
+    ref_chosen, ref_rejected = ref_logps.chunk(2)
+    return sk.preference_loss(chosen, rejected, ref_chosen, ref_rejected, beta=BETA).loss
+
+
+def per_sequence(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Token log-probs of the scored positions (mask order) -> [rows] sums."""
+    rows = torch.arange(mask.shape[0], device=mask.device).unsqueeze(1).expand_as(mask)[mask]
+    return torch.zeros(mask.shape[0], dtype=torch.float32, device=mask.device).index_add(0, rows, token_logps.float())
+
+
+def eager_logps(hidden, weight, labels):
+    mask = labels != -100
+    logp = torch.log_softmax((hidden @ weight.t()).float(), dim=-1)
+    tok = logp.gather(-1, labels.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1)
+    return (tok * mask).sum(-1)
+
+
+def trl_logps(hidden, weight, labels):
+    from trl.kernels import ChunkedLogProbFunction
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+    mask = labels != -100
+    tok = ChunkedLogProbFunction.apply(hidden[mask], weight, None, labels[mask], 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE,
+                                       None, 1.0, ("log_probs",))[0]
+    return per_sequence(tok, mask)
+
+
+def cce_logps(hidden, weight, labels):
+    from cut_cross_entropy import linear_cross_entropy
+
+    mask = labels != -100
+    nll = linear_cross_entropy(hidden[mask], weight, labels[mask], reduction="none")
+    return per_sequence(-nll, mask)
+
+
+def logps_variant(logps_fn):
+    def loss(hidden, weight, ref_hidden, ref_weight, labels):
+        with torch.no_grad():
+            ref = logps_fn(ref_hidden, ref_weight, labels)
+        return dpo_from_sequence_logps(logps_fn(hidden, weight, labels), ref)
+
+    return loss
+
+
+def liger_variant(device):
+    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+    loss_fn = LigerFusedLinearDPOLoss(beta=BETA, compiled=device.type == "cuda", use_ref_model=True)
+
+    def loss(hidden, weight, ref_hidden, ref_weight, labels):
+        out = loss_fn(weight, hidden, labels, None, ref_hidden, ref_weight)
+        return out[0] if isinstance(out, tuple) else out
+
+    return loss
+
+
+def spa_variant(impl):
+    loss_fn = sk.FusedLinearPreferenceLoss(beta=BETA, loss_type="sigmoid", impl=impl)
+
+    def loss(hidden, weight, ref_hidden, ref_weight, labels):
+        return loss_fn(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight).loss
+
+    return loss
+
+
+def variants(device) -> dict:
+    """name -> loss(hidden, weight, ref_hidden, ref_weight, labels); a row that cannot run here says why."""
+    out = {"eager": logps_variant(eager_logps)}
+    try:
+        import trl.kernels  # noqa: F401
+
+        out["trl"] = logps_variant(trl_logps)
+    except ImportError as e:
+        print(f"skip trl: {e}")
+    try:
+        out["liger"] = liger_variant(device)
+    except ImportError as e:
+        print(f"skip liger: {e}")
+    if device.type == "cuda":
+        try:
+            import cut_cross_entropy  # noqa: F401
+
+            out["cce"] = logps_variant(cce_logps)
+        except ImportError:
+            print("skip cce: not installed (pip install cut-cross-entropy)")
+    else:
+        print("skip cce: its kernels need a GPU")
+    probe = {"hidden": torch.empty(1, 1, 8, device=device), "weight": torch.empty(4, 8, device=device),
+             "bias": None, "labels": torch.zeros(1, 1, dtype=torch.long, device=device)}
+    for impl in _dispatch.IMPLS:
+        reason = _dispatch.unusable_reason("linear_logprobs", impl, probe)
+        if reason is None and impl == "triton" and device.type != "cuda":
+            reason = "the Triton interpreter is for tests, not timings"
+        if reason is not None:
+            print(f"skip spa-{impl}: {reason}")
+            continue
+        out[f"spa-{'reference' if impl == 'torch' else impl}"] = spa_variant(impl)
+    return out
+
+
+def make_inputs(B, T, H, V, dtype, device):
+    g = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(2 * B, T, H, device=device, generator=g).to(dtype)
+    ref_hidden = (hidden.float() + 0.1 * torch.randn(2 * B, T, H, device=device, generator=g)).to(dtype)
+    weight = (torch.randn(V, H, device=device, generator=g) / H ** 0.5).to(dtype)
+    ref_weight = (weight.float() + 0.01 * torch.randn(V, H, device=device, generator=g) / H ** 0.5).to(dtype)
+    labels = torch.randint(0, V, (2 * B, T), device=device, generator=g)
+    labels[:, : T // 8] = -100  # the prompt
+    return hidden.requires_grad_(), weight.requires_grad_(), ref_hidden, ref_weight, labels
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    on_gpu = torch.cuda.is_available()
+    p.add_argument("--device", default="cuda" if on_gpu else "cpu")
+    p.add_argument("--quick", action="store_true", help="only the target point")
+    p.add_argument("--pairs", default="2,8" if on_gpu else "2", help="B values (2B sequences)")
+    p.add_argument("--seq", default="512,2048" if on_gpu else "64", help="T values")
+    p.add_argument("--hidden", type=int, default=4096 if on_gpu else 256)
+    p.add_argument("--vocab", default="32000,128256" if on_gpu else "4096")
+    p.add_argument("--dtype", default="bfloat16" if on_gpu else "float32")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--only", default="", help="comma-separated variant names to run")
+    p.add_argument("--mem-fraction", type=float, default=0.8,
+                   help="skip a variant whose estimated footprint exceeds this fraction of free memory")
+    p.add_argument("--no-plot", action="store_true")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    shapes = [(B, T, args.hidden, V) for V in map(int, args.vocab.split(",")) for B in map(int, args.pairs.split(","))
+              for T in map(int, args.seq.split(","))]
+    target = GPU_TARGET if device.type == "cuda" else shapes[-1]
+    shapes = [target] if args.quick else shapes + ([target] if target not in shapes else [])
+    all_variants = variants(device)
+    if args.only:
+        all_variants = {k: v for k, v in all_variants.items() if k in args.only.split(",")}
+    print(f"device: {_harness.device_name(device)}  versions: {_harness.versions()}")
+    flops_per_s = _harness.matmul_flops_per_s(device, dtype)
+    print(f"torch.mm {args.dtype}: {flops_per_s / 1e9:.1f} GFLOP/s")
+    rows = []
+    for B, T, H, V in shapes:
+        elem = torch.tensor([], dtype=dtype).element_size()
+        logits_bytes = 2 * B * T * V * elem
+        inputs = make_inputs(B, T, H, V, dtype, device)
+        hidden, weight, ref_hidden, ref_weight, labels = inputs
+        M = int((labels != -100).sum())
+        for name, fn in all_variants.items():
+            # eager holds the logits, a float32 log-softmax and its gradient; the fused rows hold tiles
+            need = logits_bytes * (1 + 2 * 4 / elem) if name == "eager" else logits_bytes / 4
+            row = {"impl": name, "dtype": args.dtype, "B": B, "T": T, "H": H, "V": V, "tokens": M}
+            if need > args.mem_fraction * _harness.free_memory_bytes(device):
+                print(f"skip {name} B={B} T={T} V={V}: needs ~{need / 2**30:.1f} GiB")
+                continue
+
+            def reset():
+                hidden.grad = weight.grad = None
+
+            def step(fn=fn):
+                fn(*inputs).backward()
+
+            try:
+                reset()
+                row["loss"] = float(fn(*inputs).detach())
+                row.update(_harness.measure(step, device, reps=args.reps, reset=reset))
+            except Exception as e:  # noqa: BLE001 - a peer library failing on a shape is a row, not a crash
+                print(f"skip {name} B={B} T={T} V={V}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                continue
+            row["matmul_floor"] = 8 * M * H * V / flops_per_s * 1e3 / row["ms"]
+            rows.append(row)
+            print(f"{name:14s} B={B} T={T:5d} H={H} V={V:6d}  {row['ms']:9.2f} ms  peak extra "
+                  f"{row['peak_extra_mb']:8.1f} MiB  loss {row['loss']:.5f}", flush=True)
+        del inputs, hidden, weight, ref_hidden, ref_weight, labels
+    same = lambda a, b: all(a[k] == b[k] for k in ("B", "T", "H", "V"))
+    for r in rows:
+        for base_name in ("liger", "eager"):
+            base = next((b for b in rows if b["impl"] == base_name and same(b, r)), None)
+            r[f"speedup_vs_{base_name}"] = base["ms"] / r["ms"] if base else float("nan")
+            r[f"mem_vs_{base_name}"] = (r["peak_extra_mb"] / base["peak_extra_mb"]
+                                        if base and base["peak_extra_mb"] else float("nan"))
+    _harness.print_table(rows, ["impl", "B", "T", "V", "ms", "peak_extra_mb", "speedup_vs_liger", "mem_vs_liger",
+                                "speedup_vs_eager", "mem_vs_eager", "matmul_floor", "loss"],
+                         title=f"DPO loss from hidden states, forward+backward, {args.dtype}, H={args.hidden}")
+    path = _harness.write_csv(rows, "bench_fused_linear_dpo", device)
+    print(f"wrote {path}")
+    if not args.no_plot and rows:
+        print(f"wrote {plot(rows, device)}")
+    return rows
+
+
+def plot(rows, device):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys((r["B"], r["T"], r["V"]) for r in rows))
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    fig, axes = plt.subplots(2, 1, figsize=(max(6, 1.6 * len(shapes) * len(impls) / 3), 7), squeeze=False)
+    width = 0.8 / len(impls)
+    for k, impl in enumerate(impls):
+        for ax, key in ((axes[0][0], "ms"), (axes[1][0], "peak_extra_mb")):
+            xs, ys = [], []
+            for i, s in enumerate(shapes):
+                r = next((r for r in rows if r["impl"] == impl and (r["B"], r["T"], r["V"]) == s), None)
+                if r is not None:
+                    xs.append(i + k * width)
+                    ys.append(r[key])
+            ax.bar(xs, ys, width, label=impl)
+    for ax, label in ((axes[0][0], "fwd+bwd ms"), (axes[1][0], "peak extra MiB")):
+        ax.set_ylabel(label)
+        ax.set_yscale("log")
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))])
+        ax.set_xticklabels([f"B={b} T={t}\nV={v}" for b, t, v in shapes], fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0][0].legend(fontsize=8, ncol=min(4, len(impls)))
+    fig.suptitle(f"DPO loss from hidden states on {_harness.device_name(device)}", fontsize=10)
+    fig.tight_layout()
+    path = os.path.join(_harness.RESULTS, f"bench_fused_linear_dpo_{_harness.device_tag(device)}.png")
+    fig.savefig(path, dpi=110)
+    return path
+
+
+if __name__ == "__main__":
+    main()

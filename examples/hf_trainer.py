@@ -1,0 +1,49 @@
+"""A plain transformers.Trainer on (prompt, chosen, rejected) data with the spa_kernels loss
+(spa_kernels.integrations.hf.PreferenceTrainer): a tiny random Llama on the CPU, in seconds. No download.
+
+    python examples/hf_trainer.py [--steps 40] [--loss-type sigmoid]
+    accelerate launch --config_file examples/accelerate/ddp_cpu.yaml examples/hf_trainer.py   # 2 processes
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+
+import torch
+from datasets import Dataset
+from transformers import TrainingArguments
+
+from spa_kernels.integrations.hf import PreferenceTrainer
+from spa_kernels.integrations.toy import arithmetic_preferences, char_tokenizer, tiny_llama
+
+
+def main(argv=None) -> PreferenceTrainer:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--loss-type", default="sigmoid")
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--output-dir", default=None, help="default: a temporary directory")
+    args = p.parse_args(argv)
+
+    tokenizer = char_tokenizer()
+    policy = tiny_llama(len(tokenizer), hidden_size=64)
+    ref = copy.deepcopy(policy)
+    training_args = TrainingArguments(
+        output_dir=args.output_dir or tempfile.mkdtemp(prefix="spa_hf_"), max_steps=args.steps,
+        per_device_train_batch_size=8, learning_rate=args.lr, lr_scheduler_type="constant", logging_steps=10,
+        report_to="none", save_strategy="no", bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=True, seed=0)
+    trainer = PreferenceTrainer(model=policy, ref_model=ref, args=training_args, processing_class=tokenizer,
+                                train_dataset=Dataset.from_list(arithmetic_preferences(256)),
+                                eval_dataset=Dataset.from_list(arithmetic_preferences(32, seed=1)),
+                                max_length=32, beta=args.beta, loss_type=args.loss_type)
+    trainer.train()
+    print({k: round(v, 4) for k, v in trainer.evaluate().items()})
+    return trainer
+
+
+if __name__ == "__main__":
+    main()
