@@ -22,6 +22,7 @@ import random
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 from . import data as data_mod
 from .io import Layout, atomic_write_json, atomic_write_jsonl, read_jsonl, remove_partial, sharded
@@ -257,8 +258,10 @@ def run_judge(cfg, iteration: int) -> str:
             out.append(row)
         return out
 
-    rows = [r for shard in sharded(samples, cfg.generate.shard_size, lay.partial(f"iter_{iteration}", "judge"),
-                                   "judge", work) for r in shard]
+    shards = sharded(samples, cfg.generate.shard_size, lay.partial(f"iter_{iteration}", "judge"), "judge", work)
+    total = -(-len(samples) // cfg.generate.shard_size)
+    rows = [r for shard in tqdm(shards, total=total, desc=f"judge iter {iteration}", unit="shard", leave=False)
+            for r in shard]
     kept = [{k: v for k, v in r.items() if k != "status"} for r in rows if r["status"] == "kept"]
     if not kept:
         raise RuntimeError(f"judge iter {iteration}: every pair was dropped (identical responses or exact ties); "
