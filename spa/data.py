@@ -270,6 +270,11 @@ class PromptEncoder:
             self.template = chat_template or getattr(tokenizer, "chat_template", None)
         self.skipped = self.truncated = 0
 
+    def unlimited(self) -> PromptEncoder:
+        """The same template and tokenizer without the length rule (for judge prompts built from prompts that
+        already passed it: DLMA's p+/p- variants, LLM-as-judge questions)."""
+        return PromptEncoder(self.tokenizer, 10 ** 9, chat_template="none" if self.template is None else self.template)
+
     def render(self, messages: Messages) -> str:
         if self.template is None:
             return "\n\n".join(m["content"] for m in messages)

@@ -80,7 +80,7 @@ class ContrastivePromptJudge:
         for name, t in (("positive_prompt", positive_prompt), ("negative_prompt", negative_prompt)):
             if "{prompt}" not in t:
                 raise ValueError(f"judge.{name} must contain '{{prompt}}', got {t!r}")
-        self.model, self.enc, self.pos, self.neg = model, encoder, positive_prompt, negative_prompt
+        self.model, self.enc, self.pos, self.neg = model, encoder.unlimited(), positive_prompt, negative_prompt
         self.batch_size, self.impl, self.length_penalty = batch_size, impl, length_penalty
 
     def _variant(self, messages, template):
@@ -96,8 +96,6 @@ class ContrastivePromptJudge:
             pos_items.append((self.enc.encode(self._variant(r["prompt"], self.pos)), ids))
             neg_items.append((self.enc.encode(self._variant(r["prompt"], self.neg)), ids))
             lengths.append(len(ids))
-        if any(p is None for p, _ in pos_items + neg_items):
-            raise ValueError("a contrastive prompt exceeds data.max_prompt_length (long_prompts=skip)")
         pad = self.enc.tokenizer.pad_token_id
         pos = score_sequences(self.model, pos_items, pad, self.batch_size, self.impl)
         neg = score_sequences(self.model, neg_items, pad, self.batch_size, self.impl)
@@ -150,7 +148,7 @@ class LLMJudge:
         for ph in ("{prompt}", "{a}", "{b}"):
             if ph not in template:
                 raise ValueError(f"judge.llm_template must contain {ph}")
-        self.model, self.enc, self.template = model, encoder, template
+        self.model, self.enc, self.template = model, encoder.unlimited(), template
         tok = encoder.tokenizer
         self.choices = [tok(c, add_special_tokens=False).input_ids for c in choices]
         if not all(self.choices) or self.choices[0] == self.choices[1]:
@@ -168,8 +166,6 @@ class LLMJudge:
                         continue
                     text = self.template.format(prompt=q, a=r["responses"][a], b=r["responses"][b])
                     p = self.enc.encode([{"role": "user", "content": text}])
-                    if p is None:
-                        raise ValueError("an LLM-judge prompt exceeds data.max_prompt_length (long_prompts=skip)")
                     items += [(p, self.choices[0]), (p, self.choices[1])]
                     index.append((n, a, b))
         lp = score_sequences(self.model, items, self.enc.tokenizer.pad_token_id, self.batch_size, self.impl)
@@ -203,7 +199,7 @@ def build_judge(cfg, iteration: int):
         return RewardModelJudge(j.model, device, j.batch_size, cfg.model.trust_remote_code, j.length_penalty), enc
     model = load_causal_lm(j.model or policy_path, cfg.model, device)
     judge_enc = enc if not j.model else data_mod.PromptEncoder(
-        load_tokenizer(j.model, cfg.model.trust_remote_code), 10 ** 9)
+        load_tokenizer(j.model, cfg.model.trust_remote_code), 10 ** 9)  # the judge model's own template
     return LLMJudge(model, judge_enc, j.llm_template, j.llm_choices, j.batch_size, impl), enc
 
 

@@ -210,3 +210,27 @@ def test_trainer_loss_matches_full_logit_reference(models, tmp_path):
                             threshold=lambda f: noisy[feats.index(f)], alpha=0.1)
     assert sum(noisy.values()) >= 1 and loss.item() == pytest.approx(expect.item(), abs=1e-5)
     assert spa_tr._metrics["refine/alpha"] == [0.1]
+
+
+def test_trainer_dlma_loss(models, tmp_path):
+    from transformers import TrainingArguments
+
+    tok, policy, reference = models
+    enc = PromptEncoder(tok, 32)
+    pairs = [{"prompt": [{"role": "user", "content": f"reverse: {w}"}], "chosen": w[::-1], "rejected": w,
+              "score_chosen": sc, "score_rejected": 0.0} for w, sc in (("abc", 3.0), ("hello", 100.0))]
+    feats, _ = tokenize_pairs(pairs, enc, 32)
+    for f in feats:
+        f["ref_chosen"] = ref_logps(reference, f["prompt_ids"], f["chosen_ids"])
+        f["ref_rejected"] = ref_logps(reference, f["prompt_ids"], f["rejected_ids"])
+    batch = PairCollator(tok.pad_token_id)(feats)
+    trainer = PreferenceTrainer(model=policy, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
+                                                                     report_to=[]),
+                                loss_type="dlma", beta=0.1, dlma_gamma=0.2)
+    loss = trainer.compute_loss(policy, batch)
+    losses = []
+    for f, R in zip(feats, (3.0, 40.0)):  # the self-reward margin is clamped to [-40, 40]
+        h = (ref_logps(policy, f["prompt_ids"], f["chosen_ids"]) - f["ref_chosen"]) - \
+            (ref_logps(policy, f["prompt_ids"], f["rejected_ids"]) - f["ref_rejected"])
+        losses.append(-F.logsigmoid(torch.tensor(0.1 * (h - 0.2 * R), dtype=torch.float64)))
+    assert loss.item() == pytest.approx(torch.stack(losses).mean().item(), abs=1e-5)

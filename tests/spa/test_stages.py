@@ -149,3 +149,22 @@ def test_train_without_dnd_and_plain_dpo(run_with_sft):
     spa.run_train(cfg2, 1)
     m2 = read_json(Layout(cfg2.output_dir).stage_metrics("iter_1", "train"))
     assert m2["train/loss_type"] == "sigmoid" and "train/refine/threshold" not in m2
+
+
+def test_dlma_iteration_with_contrastive_judge_and_real_selection(run_with_sft):
+    """DLMA's contrastive self-reward as the judge, REAL's least-similar pair (embeddings from pi_{i-1}), and the
+    DLMA loss with the judge's score margin."""
+    import shutil
+
+    cfg = run_with_sft.replace(**{"judge.type": "contrastive", "train.iteration_loss": "dlma",
+                                  "select.strategy": "easy", "generate.num_samples": 3})
+    lay = Layout(cfg.output_dir)
+    shutil.copytree(lay.sft_model, lay.model(0))  # pi_0 = pi_init: the iteration's stages are under test
+    spa.run_generate(cfg, 1)
+    spa.run_judge(cfg, 1)
+    pairs = read_jsonl(lay.pairs(1))
+    assert pairs and all(len(p["scores"]) == 3 for p in pairs)
+    assert all(p["score_chosen"] >= p["score_rejected"] for p in pairs)  # oriented by the judge
+    spa.run_train(cfg, 1)
+    m = read_json(lay.stage_metrics("iter_1", "train"))
+    assert m["train/loss_type"] == "dlma" and m["train/pairs"] == len(pairs)
