@@ -208,16 +208,20 @@ def last_checkpoint(folder: str) -> str | None:
 
 
 def _training_args(out_dir: str, cfg, *, batch_size: int, per_device: int | None, lr: float, epochs: float,
-                   scheduler: str, warmup: float, weight_decay: float, max_steps: int = -1, **extra):
+                   scheduler: str, warmup: float, weight_decay: float, max_steps: int = -1):
     t = cfg.train
-    pd = per_device or batch_size
-    kw = dict(output_dir=out_dir, per_device_train_batch_size=pd, gradient_accumulation_steps=batch_size // pd,
-              learning_rate=lr, num_train_epochs=epochs, max_steps=max_steps, lr_scheduler_type=scheduler,
-              warmup_steps=warmup, weight_decay=weight_decay, logging_steps=t.logging_steps, save_strategy="steps",
-              save_steps=t.save_steps, save_total_limit=2, report_to=t.report_to, seed=cfg.seed, data_seed=cfg.seed,
-              bf16=t.bf16, remove_unused_columns=False,
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate / torchrun launchers
+    pd = per_device or max(1, batch_size // world)
+    if batch_size % (pd * world):
+        raise ValueError(f"batch size {batch_size} is not a multiple of per-device batch {pd} x {world} "
+                         "processes")
+    kw = dict(output_dir=out_dir, per_device_train_batch_size=pd,
+              gradient_accumulation_steps=batch_size // (pd * world), learning_rate=lr, num_train_epochs=epochs,
+              max_steps=max_steps, lr_scheduler_type=scheduler, warmup_steps=warmup, weight_decay=weight_decay,
+              logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps, save_total_limit=2,
+              report_to=t.report_to, seed=cfg.seed, data_seed=cfg.seed, bf16=t.bf16, remove_unused_columns=False,
               dataloader_num_workers=0, disable_tqdm=False, use_cpu=resolve_device(cfg.model.device).type == "cpu",
-              deepspeed=t.deepspeed, fsdp=t.fsdp or "", **extra)
+              deepspeed=t.deepspeed, fsdp=t.fsdp or "")
     if t.gradient_checkpointing:  # transformers 5 name (gradient_checkpointing is deprecated there)
         kw["activation_checkpointing"] = True
     unknown = set(t.trainer_args) - {f.name for f in dataclasses.fields(TrainingArguments)}
