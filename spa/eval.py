@@ -105,7 +105,8 @@ def run_eval(cfg, iteration: int | None) -> str:
 
 
 def results_table(output_dir: str, iterations: int) -> list[dict]:
-    """One row per evaluated model: SFT, DPO on the seed (iter_0), SPA iterations."""
+    """One row per evaluated model: SFT, DPO on the seed (iter_0), SPA iterations; `judge_acc` is how often the
+    iteration's self-judgment chose what the oracle prefers (judge/oracle_accuracy, when eval.oracle is set)."""
     lay = Layout(output_dir)
     rows = []
     for i in [None] + list(range(iterations + 1)):
@@ -114,17 +115,21 @@ def results_table(output_dir: str, iterations: int) -> list[dict]:
             r = read_json(path)
         except FileNotFoundError:
             continue
+        judge = lay.stage_metrics(eval_name(i), "judge")
+        judge_acc = read_json(judge).get("judge/oracle_accuracy") if i and os.path.exists(judge) else None
         label = "SFT" if i is None else "DPO on seed" if i == 0 else f"SPA iter {i}"
         rows.append({"model": label, "win_rate": r.get("eval/win_rate_vs_sft"), "score": r.get("eval/mean_score"),
-                     "length": r.get("eval/mean_tokens"), "reward_acc": r.get("eval/reward_accuracy")})
+                     "length": r.get("eval/mean_tokens"), "reward_acc": r.get("eval/reward_accuracy"),
+                     "judge_acc": judge_acc})
     return rows
 
 
 def format_table(rows: list[dict], title: str | None = None) -> str:
     fmt = lambda v, p: "-" if v is None else (v if isinstance(v, str) else f"{v:.{p}f}")
-    head = f"{'model':<14} {'win rate vs SFT':>16} {'oracle score':>13} {'length':>8} {'reward acc':>11}"
+    head = (f"{'model':<14} {'win rate vs SFT':>16} {'oracle score':>13} {'length':>8} {'reward acc':>11} "
+            f"{'judge acc':>10}")
     lines = ([title] if title else []) + [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['model']:<14} {fmt(r['win_rate'], 3):>16} {fmt(r['score'], 3):>13} "
-                     f"{fmt(r['length'], 1):>8} {fmt(r['reward_acc'], 3):>11}")
+                     f"{fmt(r['length'], 1):>8} {fmt(r['reward_acc'], 3):>11} {fmt(r.get('judge_acc'), 3):>10}")
     return "\n".join(lines)

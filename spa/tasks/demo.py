@@ -84,31 +84,28 @@ def run_demo(quick: bool = False, seeds=None, folder: str | None = None, overrid
     for s in seeds:
         cfg = demo_config(task, os.path.join(folder, mode, f"seed_{s}"), s, quick, overrides)
         t0 = time.perf_counter()
-        metrics = run(cfg)
+        run(cfg)
         times[s] = time.perf_counter() - t0
         per_seed[s] = results_table(cfg.output_dir, cfg.loop.iterations)
         print(format_table(per_seed[s], title=f"\nseed {s} ({cfg.output_dir}, {times[s]:.0f} s this call)"))
-        judge_acc = {k: v.get("judge/oracle_accuracy") for k, v in metrics.get("stages", {}).items()
-                     if k.endswith("/judge")}
-        if judge_acc:
-            print("self-judgment agreement with the oracle: "
-                  + ", ".join(f"{k.split('/')[0]} {v:.3f}" for k, v in judge_acc.items() if v is not None))
     models = [r["model"] for r in per_seed[seeds[0]]]
     summary_rows = []
     for m in models:
         row = {"model": m}
-        for key in ("win_rate", "score", "length", "reward_acc"):
+        for key in ("win_rate", "score", "length", "reward_acc", "judge_acc"):
             mean, sd = _agg(next((r[key] for r in per_seed[s] if r["model"] == m), None) for s in seeds)
             row[key], row[key + "_std"] = mean, sd
         summary_rows.append(row)
     if len(seeds) > 1:
         pm = lambda v, sd, p: "-" if v is None else f"{v:.{p}f} ± {sd:.{p}f}"
-        head = f"{'model':<14} {'win rate vs SFT':>17} {'oracle score':>15} {'length':>12} {'reward acc':>15}"
+        head = (f"{'model':<14} {'win rate vs SFT':>17} {'oracle score':>15} {'length':>12} {'reward acc':>15} "
+                f"{'judge acc':>15}")
         lines = [f"\nmean ± std over seeds {seeds}", head, "-" * len(head)]
         for r in summary_rows:
             lines.append(f"{r['model']:<14} {pm(r['win_rate'], r['win_rate_std'], 3):>17} "
                          f"{pm(r['score'], r['score_std'], 3):>15} {pm(r['length'], r['length_std'], 1):>12} "
-                         f"{pm(r['reward_acc'], r['reward_acc_std'], 3):>15}")
+                         f"{pm(r['reward_acc'], r['reward_acc_std'], 3):>15} "
+                         f"{pm(r['judge_acc'], r['judge_acc_std'], 3):>15}")
         print("\n".join(lines))
     total = time.perf_counter() - t_start
     print(f"\ntotal {total:.0f} s this call ({mode} demo, seeds {seeds}); results in {os.path.join(folder, mode)}")

@@ -57,7 +57,8 @@ def test_spa_demo_command(tmp_path, capsys):
     argv = ["demo", "--quick", "--dir", str(tmp_path), "--seeds", "0", "1"] + [a for s in tiny for a in ("--set", s)]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    for row in ("SFT", "DPO on seed", "SPA iter 1", "mean ± std over seeds [0, 1]", "win rate vs SFT"):
+    for row in ("SFT", "DPO on seed", "SPA iter 1", "mean ± std over seeds [0, 1]", "win rate vs SFT",
+                "judge acc"):
         assert row in out
     summary = json.loads((tmp_path / "quick" / "summary.json").read_text())
     assert summary["seeds"] == [0, 1] and [r["model"] for r in summary["mean_std"]] == \
