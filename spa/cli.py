@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, loop.ConfigMismatch) as e:
         print(f"spa: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # finished stages and shards are kept (atomic writes)
+        print("spa: interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

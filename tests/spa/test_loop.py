@@ -114,3 +114,29 @@ def test_resume_after_sigkill_in_every_stage(uninterrupted, task, tmp_path):
             continue  # shards_computed differs by design (checked above)
         assert got[k] == want[k], k
     assert not [f for f in os.listdir(killed.output_dir) if ".tmp" in f]
+
+
+def test_ctrl_c_then_rerun(uninterrupted, task, tmp_path, monkeypatch, capsys):
+    """Ctrl-C (KeyboardInterrupt) in the middle of the judge stage: `spa run` says how to continue and exits 130;
+    the rerun ends with the same pairs as the uninterrupted run."""
+    import spa.io
+
+    cfg, _ = uninterrupted
+    run = Config.from_dict(tiny_settings(task, str(tmp_path / "run")))
+    path = tmp_path / "c.yaml"
+    path.write_text(run.to_yaml())
+
+    def interrupt(unit):
+        if unit == "judge":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(spa.io, "crash_point", interrupt)
+    assert main(["run", str(path)]) == 130
+    assert "rerun the same command" in capsys.readouterr().err
+    lay = Layout(run.output_dir)
+    assert os.path.exists(lay.samples(1)) and not os.path.exists(lay.pairs(1))
+    monkeypatch.undo()
+    assert main(["run", str(path)]) == 0
+    assert read_jsonl(lay.pairs(1)) == read_jsonl(Layout(cfg.output_dir).pairs(1))
+    assert read_json(lay.eval("iter_1")) | {"model": None} == read_json(Layout(cfg.output_dir).eval("iter_1")) | \
+        {"model": None}
