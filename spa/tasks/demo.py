@@ -1,17 +1,20 @@
-"""`spa demo`: build the offline task (cached), then per seed run the whole loop (SFT from scratch, DPO on the
+"""`spa demo`: build the offline task and the SFT model (both cached), then per seed run the loop (DPO on the
 3.3% gold seed, SPA iterations, evaluation) and print SFT / DPO on seed / each SPA iteration with the oracle win
 rate against SFT, mean oracle score and length; over several seeds, mean and spread.
 
 Layout under the demo folder (default ~/.cache/spa/demo, or $SPA_CACHE/demo):
-    task-<version>/   tokenizer/, sft.jsonl, prefs.jsonl, eval_prompts.jsonl, eval_pairs.jsonl
-    full/seed_<s>/    one `spa run` directory per seed (config.yaml, metrics.json, sft/, iter_*/)
-    full/summary.json the table's numbers per seed, their mean and standard deviation, and run times
-    quick/...         the same for --quick
+    task-<version>/            tokenizer/, sft.jsonl, prefs.jsonl, eval_prompts.jsonl, eval_pairs.jsonl
+    sft-<version>-<hash>/      the `sft` stage's run: sft/model/ is pi_init for every seed (hash: the SFT settings)
+    full/seed_<s>/             one `spa run` directory per seed (config.yaml, metrics.json, sft/eval*, iter_*/)
+    full/summary.json          the table's numbers per seed, their mean and standard deviation, and run times
+    quick/...                  the same for --quick
 Rerunning resumes (finished runs are only re-read).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import statistics
@@ -30,6 +33,7 @@ logger = logging.getLogger("spa")
 
 TASK_VERSION = "reverse-v1"
 FULL_SEEDS = (0, 1, 2)
+SFT_SEED = 0  # one SFT model for all seeds, as in the paper (every run starts from the same pi_init)
 # --quick: one seed, two SPA iterations on smaller pools (the paper's 8K : 20K proportion kept), fewer eval prompts.
 QUICK = ["loop.iterations=2", "data.iteration_prompts=[400, 1000]", "eval.max_prompts=250"]
 
@@ -55,13 +59,35 @@ def build_task(folder: str) -> dict[str, str]:
 
 
 def demo_config(task: dict[str, str], output_dir: str, seed: int, quick: bool = False,
-                overrides: list[str] | None = None) -> Config:
+                overrides: list[str] | None = None, sft_model: str | None = None) -> Config:
+    """The demo's config (spa/tasks/demo.yaml + the task's paths); with sft_model, that model is pi_init and the
+    run has no sft stage."""
     with resources.files("spa.tasks").joinpath("demo.yaml").open() as f:
         base = yaml.safe_load(f)
     sets = [f"output_dir={output_dir}", f"seed={seed}", f"model.tokenizer={task['tokenizer']}",
             f"sft.data={task['sft']}", f"data.seed={task['prefs']}", f"eval.prompts={task['eval_prompts']}",
             f"eval.pairs={task['eval_pairs']}"]
-    return Config.from_dict(base, sets + (QUICK if quick else []) + list(overrides or []), source="spa/tasks/demo.yaml")
+    sets += QUICK if quick else []
+    sets += list(overrides or [])
+    if sft_model:
+        sets += ["sft.enabled=false", f"model.name_or_path={sft_model}"]
+    return Config.from_dict(base, sets, source="spa/tasks/demo.yaml")
+
+
+def build_sft_model(task: dict[str, str], folder: str, overrides: list[str] | None = None) -> str:
+    """pi_init, trained from scratch by the `sft` stage once per SFT setting (cached, resumable); returns its folder.
+    The folder name hashes the settings the SFT stage depends on, so `--set sft.epochs=...` trains a new one."""
+    from ..io import Layout
+    from ..loop import run_stage, stage_by_name
+
+    cfg = demo_config(task, os.path.join(folder, "sft-pending"), SFT_SEED, overrides=overrides)
+    d = cfg.to_dict()
+    key = {"sft": d["sft"], "model": d["model"], "seed": d["seed"],
+           "data": {k: d["data"][k] for k in ("max_prompt_length", "long_prompts", "chat_template", "skip_invalid")}}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
+    cfg = cfg.replace(output_dir=os.path.join(folder, f"sft-{TASK_VERSION}-{digest}"))
+    run_stage(cfg, stage_by_name(cfg, "sft"))
+    return Layout(cfg.output_dir).sft_model
 
 
 def _agg(values):
@@ -79,10 +105,13 @@ def run_demo(quick: bool = False, seeds=None, folder: str | None = None, overrid
     seeds = list(seeds if seeds is not None else ((0,) if quick else FULL_SEEDS))
     t_start = time.perf_counter()
     task = build_task(folder)
+    t0 = time.perf_counter()
+    sft_model = build_sft_model(task, folder, overrides)
+    sft_seconds = time.perf_counter() - t0
     mode = "quick" if quick else "full"
     per_seed, times = {}, {}
     for s in seeds:
-        cfg = demo_config(task, os.path.join(folder, mode, f"seed_{s}"), s, quick, overrides)
+        cfg = demo_config(task, os.path.join(folder, mode, f"seed_{s}"), s, quick, overrides, sft_model)
         t0 = time.perf_counter()
         run(cfg)
         times[s] = time.perf_counter() - t0
@@ -108,8 +137,10 @@ def run_demo(quick: bool = False, seeds=None, folder: str | None = None, overrid
                          f"{pm(r['judge_acc'], r['judge_acc_std'], 3):>15}")
         print("\n".join(lines))
     total = time.perf_counter() - t_start
-    print(f"\ntotal {total:.0f} s this call ({mode} demo, seeds {seeds}); results in {os.path.join(folder, mode)}")
-    summary = {"mode": mode, "seeds": seeds, "per_seed": {str(s): per_seed[s] for s in seeds},
-               "mean_std": summary_rows, "seconds_this_call": total, "seconds_per_seed": times}
+    print(f"\ntotal {total:.0f} s this call ({mode} demo, seeds {seeds}; SFT model {sft_seconds:.0f} s); "
+          f"results in {os.path.join(folder, mode)}")
+    summary = {"mode": mode, "seeds": seeds, "sft_model": sft_model, "per_seed": {str(s): per_seed[s] for s in seeds},
+               "mean_std": summary_rows, "seconds_this_call": total, "seconds_sft_this_call": sft_seconds,
+               "seconds_per_seed": times}
     atomic_write_json(os.path.join(folder, mode, "summary.json"), summary)
     return summary

@@ -66,6 +66,9 @@ def test_spa_demo_command(tmp_path, capsys):
     win = [summary["per_seed"][s][1]["win_rate"] for s in ("0", "1")]
     assert summary["mean_std"][1]["win_rate"] == pytest.approx(sum(win) / 2)
     assert os.path.exists(tmp_path / "quick" / "seed_1" / "iter_1" / "pairs.jsonl")
+    sft = [d for d in os.listdir(tmp_path) if d.startswith("sft-")]  # one SFT model, shared by the seeds
+    assert len(sft) == 1 and summary["sft_model"] == str(tmp_path / sft[0] / "sft" / "model")
+    assert not os.path.exists(tmp_path / "quick" / "seed_0" / "sft" / "model")
     # rerunning re-reads the finished runs
     assert main(argv) == 0
     assert "SPA iter 1" in capsys.readouterr().out
