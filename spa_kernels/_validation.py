@@ -159,7 +159,7 @@ def check_label_flag(flag: torch.Tensor, labels: torch.Tensor, vocab: int, ignor
 def raise_deferred_label_errors() -> None:
     """Raises the error of a completed deferred label check, without waiting for the GPU (kernel entry points call
     this first)."""
-    if len(_deferred):
+    if len(_deferred) and not torch.cuda.is_current_stream_capturing():  # no event queries inside a capture
         _deferred.raise_ready(wait=False)
 
 
