@@ -79,7 +79,8 @@ note "spa_kernels GPU run: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), commit $(git rev
   "$PY" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
   "$PY" -c "import triton; print('triton', triton.__version__)" 2>&1
 } >"$STAGE/logs/env.log" 2>&1
-grep -m1 -E "NVIDIA [A-Z0-9]" "$STAGE/logs/env.log" | tee -a "$SUMMARY" || true
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | sed 's/^/gpu: /' \
+  | tee -a "$SUMMARY" || true
 grep -E "^python|^triton|release" "$STAGE/logs/env.log" | tee -a "$SUMMARY" || true
 
 # 1. build + install (timed: the .cu compile time is what CI pays)
@@ -94,7 +95,7 @@ cat "$STAGE/logs/info.log" >>"$SUMMARY"
 # 2. GPU tests (the build test too: it checks the archs the CUDA kernels were compiled for)
 step tests 180 "$PY" -m pytest -q -p no:cacheprovider -m "gpu and not slow" --junitxml="$STAGE/results/gpu_tests.xml" \
   tests/test_build.py tests/
-grep -E "passed|failed|error" "$STAGE/logs/tests.log" | tail -1 | sed 's/^/tests: /' | tee -a "$SUMMARY"
+tail -n 1 "$STAGE/logs/tests.log" | sed 's/^/tests: /' | tee -a "$SUMMARY"
 
 # 3. the measured cuda/triton table that impl="auto" uses (benchmarks below then show "auto" on real choices)
 step autotune 120 "$PY" -m spa_kernels.autotune --copy-to "$STAGE/results"

@@ -306,10 +306,9 @@ def tune(ops=OPS, dtypes=("bfloat16", "float32"), vocabs=(32000, 128256), hidden
                     log(f"{key}: does not fit in free GPU memory, skipped")
                     continue
                 entries[key] = measure(op, fitted, candidates, device, "command")
+                save_entries(table_path(name), name, {key: entries[key]})  # kept if a later entry fails
                 ms = entries[key]["ms"]
                 log(f"{key}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items()) + f" -> {entries[key]['order'][0]}")
-    if entries:
-        save_entries(table_path(name), name, entries)
     return entries
 
 
