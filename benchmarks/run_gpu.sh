@@ -24,6 +24,9 @@ cd "$ROOT"
 PY="${PYTHON:-python}"
 BUDGET="${SPA_GPU_BUDGET_S:-540}"
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+if [ ! -x "$CUDA_HOME/bin/nvcc" ] && command -v nvcc >/dev/null; then  # a toolkit elsewhere, nvcc on PATH
+  CUDA_HOME="$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")"
+fi
 STAGE="$(mktemp -d)"
 mkdir -p "$STAGE/logs" "$STAGE/results" "$STAGE/autotune"
 export SPA_KERNELS_CACHE_DIR="$STAGE/autotune"  # a fresh table, shipped with the results
@@ -92,9 +95,10 @@ fi
 step info 60 "$PY" -m spa_kernels.info
 cat "$STAGE/logs/info.log" >>"$SUMMARY"
 
-# 2. GPU tests (the build test too: it checks the archs the CUDA kernels were compiled for)
+# 2. the build test (the archs the CUDA kernels were compiled for), then every GPU test
+step build_test 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_build.py
 step tests 180 "$PY" -m pytest -q -p no:cacheprovider -m "gpu and not slow" --junitxml="$STAGE/results/gpu_tests.xml" \
-  tests/test_build.py tests/
+  tests/
 tail -n 1 "$STAGE/logs/tests.log" | sed 's/^/tests: /' | tee -a "$SUMMARY"
 
 # 3. the measured cuda/triton table that impl="auto" uses (benchmarks below then show "auto" on real choices)

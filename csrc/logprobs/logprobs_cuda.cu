@@ -164,8 +164,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_forward_cuda(const at::T
                                       : logprobs_forward_kernel<scalar_t, false>;
     kernel<<<launch.grid, launch.block, 0, stream>>>(
         logits.const_data_ptr<scalar_t>(), logits.stride(0), logits.stride(1), labels_c.const_data_ptr<int64_t>(),
-        rows, T, static_cast<int>(V), ignore_index, static_cast<float>(inv_temperature), token.mutable_data_ptr<float>(),
-        lse.mutable_data_ptr<float>(), reinterpret_cast<unsigned long long*>(bad.mutable_data_ptr<int64_t>()));
+        rows, T, static_cast<int>(V), ignore_index, static_cast<float>(inv_temperature),
+        token.mutable_data_ptr<float>(), lse.mutable_data_ptr<float>(),
+        reinterpret_cast<unsigned long long*>(bad.mutable_data_ptr<int64_t>()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {token, lse, bad};

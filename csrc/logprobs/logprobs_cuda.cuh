@@ -20,11 +20,11 @@ namespace cuda {
 constexpr unsigned kFullMask = 0xffffffffu;
 
 // Launch shapes. A row of at most kWarpRowBytes is handled by one warp (8 rows per 256-thread block): a whole block
-// on a short row would leave most threads idle. Longer rows get a block each; 512 threads from 64 KiB (e.g.
-// V = 32000 bf16). kUnroll 16-byte packs are loaded before any is used: with two 512-thread blocks per SM that is
-// 32 KiB of loads in flight per SM, above what H100 / A100 need to saturate HBM (bandwidth x latency / SMs, about
-// 18 / 11 KiB). __launch_bounds__(512, 2) caps registers at 64; at kUnroll = 2 no kernel spills on sm_80 / sm_90
-// (ptxas -v; kUnroll = 4 spilled in the bf16 backward and the SPA kernel).
+// on a short row would leave most threads idle. Longer rows get a block each, of 256 threads, 512 from 64 KiB (e.g.
+// V = 128256 bf16; V = 32000 bf16 is 62.5 KiB). kUnroll 16-byte packs are loaded before any is used: with two
+// 512-thread blocks per SM that is 32 KiB of loads in flight per SM, above what H100 / A100 need to saturate HBM
+// (bandwidth x latency / SMs, about 18 / 11 KiB). __launch_bounds__(512, 2) caps registers at 64; at kUnroll = 2 no
+// kernel spills on sm_80 / sm_90 (ptxas -v; kUnroll = 4 spilled in the bf16 backward and the SPA kernel).
 constexpr int kWarpRowBytes = 4096;
 constexpr int kWarpRowsThreads = 256;
 constexpr int kUnroll = 2;
@@ -32,9 +32,9 @@ constexpr int kMaxThreads = 512;
 constexpr int kMinBlocksPerSM = 2;
 
 // The float32 / bfloat16 / float16 storage types the CUDA kernels take (float64 is left to the other backends).
-#define SPA_DISPATCH_CUDA_FLOATS(TYPE, NAME, ...)                        \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+#define SPA_DISPATCH_CUDA_FLOATS(TYPE, NAME, ...)                                                   \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                            \
+                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
 
 // ---------------------------------------------------------------------------------------------------------------
 // 16-byte packs (ATen's aligned_vector idiom: the compiler emits one 128-bit load / store per pack).
