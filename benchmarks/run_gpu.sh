@@ -10,7 +10,8 @@
 # run with options that bound its sweep (see bench_args) and skipped when too little time is left. A failing step
 # is recorded and the run goes on. Needs no network: `pip install --no-deps --no-build-isolation -e .`.
 # Environment: CUDA_HOME (default /usr/local/cuda), PYTHON (default python), SPA_GPU_BUDGET_S, SPA_SKIP_INSTALL=1
-# (use the spa_kernels already importable, e.g. for a second run on a warm machine), SPA_GPU_QUICK=1 (below).
+# (use the spa_kernels already importable, e.g. for a second run on a warm machine), SPA_GPU_QUICK=1 (below),
+# SPA_GPU_SANITIZE=1 (also run scripts/sanitize_cuda.sh memcheck racecheck; give it SPA_GPU_BUDGET_S=780 or so).
 set -uo pipefail
 
 if [ $# -ne 1 ]; then
@@ -89,7 +90,7 @@ grep -E "^python|^triton|release" "$STAGE/logs/env.log" | tee -a "$SUMMARY" || t
 # 1. build + install (timed: the .cu compile time is what CI pays)
 if [ "${SPA_SKIP_INSTALL:-0}" != "1" ]; then
   t0=$SECONDS
-  step install 300 "$PY" -m pip install --no-deps --no-build-isolation -v -e .
+  step install 240 "$PY" -m pip install --no-deps --no-build-isolation -v -e .
   note "build+install time: $((SECONDS - t0)) s"
 fi
 step info 60 "$PY" -m spa_kernels.info
@@ -97,18 +98,25 @@ cat "$STAGE/logs/info.log" >>"$SUMMARY"
 
 # 2. the build test (the archs the CUDA kernels were compiled for), then every GPU test
 step build_test 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_build.py
-step tests 180 "$PY" -m pytest -q -p no:cacheprovider -m "gpu and not slow" --junitxml="$STAGE/results/gpu_tests.xml" \
+step tests 150 "$PY" -m pytest -q -p no:cacheprovider -m "gpu and not slow" --junitxml="$STAGE/results/gpu_tests.xml" \
   tests/
 tail -n 1 "$STAGE/logs/tests.log" | sed 's/^/tests: /' | tee -a "$SUMMARY"
 
-# 3. the measured cuda/triton table that impl="auto" uses (benchmarks below then show "auto" on real choices)
-step autotune 120 "$PY" -m spa_kernels.autotune --copy-to "$STAGE/results"
+# optional: the CUDA tests under compute-sanitizer (memcheck, racecheck), before the benchmarks
+if [ "${SPA_GPU_SANITIZE:-0}" = "1" ]; then
+  step sanitize 240 scripts/sanitize_cuda.sh memcheck racecheck
+fi
+
+# 3. the measured cuda/triton table that impl="auto" uses
+step autotune 90 "$PY" -m spa_kernels.autotune --dtypes bfloat16 --vocab 32000,128256 --copy-to "$STAGE/results"
 
 # 4. every benchmark
 for bench in benchmarks/bench_*.py; do
   name="$(basename "$bench")"
   # shellcheck disable=SC2046
-  step "${name%.py}" 200 "$PY" "$bench" $(bench_args "$name")
+  limit=150
+  [ "$name" = bench_trl_step.py ] && limit=200  # one process per variant
+  step "${name%.py}" "$limit" "$PY" "$bench" $(bench_args "$name")
 done
 
 # 5. pack
