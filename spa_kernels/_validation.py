@@ -74,7 +74,7 @@ _label_check: contextvars.ContextVar[str] = contextvars.ContextVar("spa_kernels_
 
 @contextlib.contextmanager
 def label_check(mode: str):
-    """Sets how check_label_flag treats the kernels' bad-label flags inside the block ("sync", "deferred", "trusted")."""
+    """How check_label_flag treats the kernels' bad-label flags inside the block: "sync", "deferred", "trusted"."""
     if mode not in LABEL_CHECKS:
         raise ValueError(f"label check mode must be one of {LABEL_CHECKS}, got {mode!r}")
     token = _label_check.set(mode)

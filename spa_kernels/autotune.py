@@ -28,7 +28,7 @@ import tempfile
 import threading
 import warnings
 from datetime import datetime, timezone
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -60,7 +60,7 @@ def cache_dir() -> str:
     return os.path.join(base, "spa_kernels")
 
 
-@lru_cache(maxsize=None)
+@cache
 def gpu_name(device_index: int) -> str:
     return torch.cuda.get_device_name(device_index)
 
@@ -308,7 +308,8 @@ def tune(ops=OPS, dtypes=("bfloat16", "float32"), vocabs=(32000, 128256), hidden
                 entries[key] = measure(op, fitted, candidates, device, "command")
                 save_entries(table_path(name), name, {key: entries[key]})  # kept if a later entry fails
                 ms = entries[key]["ms"]
-                log(f"{key}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items()) + f" -> {entries[key]['order'][0]}")
+                times = ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items())
+                log(f"{key}: {times} -> {entries[key]['order'][0]}")
     return entries
 
 

@@ -10,7 +10,7 @@ grad_weight (and, only where torch's matmul cannot write float32 from bf16/fp16 
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -57,7 +57,7 @@ def chunk_logits_into(out, hidden, weight, bias):
     return torch.addmm(bias, hidden, weight.t(), out=out)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _float32_addmm_of_reduced(device: torch.device) -> bool:
     """Whether torch.addmm(acc_f32, a_bf16, b_bf16, out_dtype=torch.float32, out=acc_f32) accumulates in place here
     (newer torch on CUDA; older versions require `acc` in the inputs' dtype). Probed once per device, on values."""
@@ -96,9 +96,9 @@ def chunked_linear_forward(kernels, hidden, weight, bias, labels, inv_temperatur
         for s in range(0, M, chunk):
             h = hidden[s:s + chunk]
             z = chunk_logits_into(buf[:h.shape[0]], h, weight, bias).unsqueeze(0)
-            t, l = kernels.forward(z, labels[s:s + chunk].unsqueeze(0), _NO_IGNORE, inv_temperature)
+            t, lse_c = kernels.forward(z, labels[s:s + chunk].unsqueeze(0), _NO_IGNORE, inv_temperature)
             token[s:s + chunk] = t[0]
-            lse[s:s + chunk] = l[0]
+            lse[s:s + chunk] = lse_c[0]
     return token, lse
 
 

@@ -38,8 +38,8 @@ class ChunkedLinearSpaLogprobsFunction(torch.autograd.Function):
                 m = hidden[sl].shape[0]
                 z = chunk_logits_into(buf[:m], hidden[sl], weight, bias).unsqueeze(0)
                 zr = chunk_logits_into(ref_buf[:m], ref_hidden[sl], ref_weight, ref_bias).unsqueeze(0)
-                t, l, r, e = kernels.forward(z, zr, labels[sl].unsqueeze(0), _NO_IGNORE, lam)
-                token[sl], lse[sl], ref[sl], ext[sl] = t[0], l[0], r[0], e[0]
+                t, lse_c, r, e = kernels.forward(z, zr, labels[sl].unsqueeze(0), _NO_IGNORE, lam)
+                token[sl], lse[sl], ref[sl], ext[sl] = t[0], lse_c[0], r[0], e[0]
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.args = (chunk, impl)
         ctx.mark_non_differentiable(ref, ext)

@@ -9,8 +9,13 @@ from __future__ import annotations
 import torch
 
 from ... import _dispatch
-from ..._validation import check_logits_and_labels, check_positive_finite, label_check, label_check_for, \
-    vocab_contiguous
+from ..._validation import (
+    check_logits_and_labels,
+    check_positive_finite,
+    label_check,
+    label_check_for,
+    vocab_contiguous,
+)
 from . import reference
 from .function import TokenLogprobsFunction
 

@@ -7,8 +7,14 @@ from __future__ import annotations
 import torch
 
 from ... import _dispatch
-from ..._validation import check_finite, check_floating, check_logits_and_labels, label_check, label_check_for, \
-    vocab_contiguous
+from ..._validation import (
+    check_finite,
+    check_floating,
+    check_logits_and_labels,
+    label_check,
+    label_check_for,
+    vocab_contiguous,
+)
 from ..logprobs.reference import reduce_sequence
 from . import reference
 from .function import SpaTokenLogprobsFunction
