@@ -1,4 +1,4 @@
-"""Builds the CPU emulation of the CUDA log-prob kernels (tests/test_cuda_emulated.py uses it).
+"""Builds the CPU emulation of the CUDA log-prob kernels (tests/cuda_emu/test_*.py use it).
 
 The kernels' own source (csrc/logprobs/logprobs_cuda.cu, csrc/spa_logprobs/spa_logprobs_cuda.cu, up to the end of
 their device code) is compiled as host C++ after cuda_emu.h, with the launchers of harness.cpp, into a throwaway
