@@ -79,10 +79,15 @@ def _versions() -> dict:
 
 
 def table_path(device_name: str) -> str:
+    return _table_path(device_name, cache_dir())
+
+
+@cache  # impl="auto" asks for it on every call
+def _table_path(device_name: str, directory: str) -> str:
     v = _versions()
     slug = lambda s: re.sub(r"[^A-Za-z0-9.]+", "-", s).strip("-").lower()
     name = f"autotune-{slug(device_name)}-torch{slug(v['torch'])}-triton{slug(v['triton'])}-spa{slug(v['spa_kernels'])}"
-    return os.path.join(cache_dir(), name + ".json")
+    return os.path.join(directory, name + ".json")
 
 
 def _read(path: str) -> dict:
