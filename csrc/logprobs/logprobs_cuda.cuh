@@ -5,8 +5,12 @@
 // Only c10/cuda headers: ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers that a minimal toolkit lacks.
 #pragma once
 
-#include <ATen/ATen.h>
+// Per-operator ATen headers rather than ATen/ATen.h: every .cu is parsed by the device front-end once per arch, and
+// the full ATen API makes up most of that time.
 #include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
