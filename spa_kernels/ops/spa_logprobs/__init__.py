@@ -31,7 +31,7 @@ def spa_sequence_logprobs(logits: torch.Tensor, ref_logits: torch.Tensor, labels
     extrapolated = sum_t log_softmax((1 + lam) * logits - lam * ref_logits)[label_t], SPA's de-coupled noise
     detection. Gradient flows to ``logits`` via ``logps`` only; ``ref_logits`` never receives one.
     logits / ref_logits: [N, T, V] of the same shape; labels [N, T] (ignore_index positions contribute 0).
-    validate: as in sequence_logprobs (validate=False lets impl="cuda" skip the host wait of the label check).
+    validate: as in token_logprobs (validate=False lets impl="cuda" skip the host wait of the label check).
     """
     labels = check_logits_and_labels(logits, labels)
     check_floating(ref_logits, "ref_logits")
