@@ -34,12 +34,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spa_logprobs_forward_
                                                                                     int64_t ignore_index, double lam);
 #endif
 #ifdef SPA_WITH_CUDA
+// logprobs (the last output of each forward is the bad-label flag, see spa_kernels/_validation.py)
 std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_forward_cuda(const at::Tensor& logits,
                                                                      const at::Tensor& labels, int64_t ignore_index,
                                                                      double inv_temperature);
 at::Tensor logprobs_backward_cuda(const at::Tensor& grad_token, const at::Tensor& logits, const at::Tensor& labels,
                                   const at::Tensor& lse, int64_t ignore_index, double inv_temperature,
                                   const std::optional<at::Tensor>& grad_out);
+// spa_logprobs
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> spa_logprobs_forward_cuda(
+    const at::Tensor& logits, const at::Tensor& ref_logits, const at::Tensor& labels, int64_t ignore_index,
+    double lam);
 #endif
 }  // namespace spa
 
@@ -61,6 +66,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("logprobs_backward_cuda", &spa::logprobs_backward_cuda, "softmax gradient of token log-probs (CUDA)",
         py::arg("grad_token"), py::arg("logits"), py::arg("labels"), py::arg("lse"), py::arg("ignore_index"),
         py::arg("inv_temperature"), py::arg("grad_out") = py::none());
+  m.def("spa_logprobs_forward_cuda", &spa::spa_logprobs_forward_cuda,
+        "policy, reference and extrapolated token log-probs in one pass (CUDA)", py::arg("logits"),
+        py::arg("ref_logits"), py::arg("labels"), py::arg("ignore_index"), py::arg("lam"));
 #endif
   m.def("build_info", []() {
     py::dict d;

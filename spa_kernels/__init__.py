@@ -10,6 +10,7 @@ Every op takes impl="auto" | "torch" | "cpu" | "triton" | "cuda"; SPA_KERNELS_IM
 """
 
 from ._dispatch import available_impls
+from ._validation import flush_label_checks
 from .losses import LOSS_TYPES, PreferenceLossOutput, dlma_margin, preference_loss
 from .nn import FusedLinearPreferenceLoss
 from .ops.linear_logprobs import linear_sequence_logprobs, linear_token_logprobs
@@ -25,6 +26,7 @@ __all__ = [
     "PreferenceLossOutput",
     "available_impls",
     "dlma_margin",
+    "flush_label_checks",
     "linear_sequence_logprobs",
     "linear_spa_sequence_logprobs",
     "linear_token_logprobs",

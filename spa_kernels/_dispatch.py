@@ -5,6 +5,10 @@ cuda.py. A backend module may define `supports(**tensors) -> str | None` (None =
 the device/dtype rules every backend shares are checked here. `impl="auto"` takes the first usable backend in
 the order for the tensors' device; SPA_KERNELS_IMPL=<name> replaces "auto" (an explicit impl= argument wins).
 Naming an implementation that cannot run raises ValueError with the reasons and what is usable instead.
+
+On CUDA tensors the order between "cuda" and "triton" is measured, per op, dtype and vocabulary size, on the GPU in
+hand and cached on disk (spa_kernels/autotune.py; `python -m spa_kernels.autotune` fills the table ahead of time).
+AUTO_ORDER_CUDA_DEFAULT only applies where nothing was measured (SPA_KERNELS_AUTOTUNE=0, or a failed measurement).
 """
 
 from __future__ import annotations
@@ -28,8 +32,8 @@ _DTYPES = {
 }
 # "auto" on CPU tensors. Triton is never picked automatically on the CPU: its interpreter is for testing only.
 AUTO_ORDER_CPU = ("cpu", "torch")
-# "auto" on CUDA tensors, per op; ops not listed use the default. spa_kernels.autotune may refine this table from
-# measurements on the GPU in hand.
+# "auto" on CUDA tensors when there is no measurement (see the module docstring), per op; ops not listed use the
+# default.
 AUTO_ORDER_CUDA_DEFAULT = ("triton", "cuda", "torch")
 AUTO_ORDER_CUDA: dict[str, tuple[str, ...]] = {}
 
@@ -116,10 +120,19 @@ def unusable_reason(op: str, impl: str, tensors: dict[str, torch.Tensor | None],
     return supports(**tensors, **options) if supports is not None else None
 
 
-def auto_order(op: str, device: torch.device) -> tuple[str, ...]:
-    if device.type == "cuda":
-        return AUTO_ORDER_CUDA.get(op, AUTO_ORDER_CUDA_DEFAULT)
-    return AUTO_ORDER_CPU
+def auto_order(op: str, device: torch.device, tensors: dict[str, torch.Tensor | None] | None = None) -> tuple[str, ...]:
+    """The implementations "auto" tries, in order, for `op` on these tensors."""
+    if device.type != "cuda":
+        return AUTO_ORDER_CPU
+    static = AUTO_ORDER_CUDA.get(op, AUTO_ORDER_CUDA_DEFAULT)
+    if tensors is None:
+        return static
+    from . import autotune  # imported on first use: the table is only read for impl="auto" on CUDA tensors
+
+    measured = autotune.order_for(op, device, tensors)
+    if not measured:
+        return static
+    return tuple(measured) + tuple(n for n in static if n not in measured)
 
 
 def resolve(op: str, impl: str, tensors: dict[str, torch.Tensor | None], **options) -> tuple[str, ModuleType]:
@@ -139,7 +152,7 @@ def resolve(op: str, impl: str, tensors: dict[str, torch.Tensor | None], **optio
                              f"{', '.join(usable) or 'none'} (or impl='auto')")
         return impl, _backend_module(op, impl)[0]
     reasons = {}
-    for name in auto_order(op, device):
+    for name in auto_order(op, device, tensors):
         reason = unusable_reason(op, name, tensors, **options)
         if reason is None:
             return name, _backend_module(op, name)[0]

@@ -1,9 +1,26 @@
 """Input checks shared by the public functions and the Python-side backends. Errors name the tensor, its shape
-and, for labels, the first bad position."""
+and, for labels, the first bad position.
+
+Label range checks of the GPU kernels: a kernel that meets a label outside [0, V) scores it as ignored (never reads
+out of bounds) and records its flat index in a [1] int64 device flag; check_label_flag reads the flag as the current
+label_check mode says:
+  "sync"      (validate=True, the default) now: ValueError in this call. One 8-byte device-to-host copy, so the host
+              waits for the kernel.
+  "deferred"  (validate=False) without a host synchronisation: the flag is copied to pinned memory behind a CUDA event
+              and read once the event has completed, at the start of a later spa_kernels CUDA kernel call (forward or
+              backward), which raises the ValueError; flush_label_checks() waits for and raises every pending one.
+  "trusted"   the caller has already checked the labels (the chunked linear paths): the flag is not read.
+"""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import contextvars
 import math
+import threading
+import warnings
+from collections import deque
 
 import torch
 
@@ -34,6 +51,11 @@ def check_labels(labels: torch.Tensor, shape: tuple[int, ...], device: torch.dev
     return labels.long()
 
 
+def bad_label_message(pos: tuple[int, ...], value: int, vocab: int, ignore_index: int, name: str = "labels") -> str:
+    return (f"{name}[{', '.join(map(str, pos))}] = {value} is outside [0, {vocab}) and is not ignore_index "
+            f"({ignore_index})")
+
+
 def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int, name: str = "labels") -> None:
     """ValueError naming the first label outside [0, vocab) that is not ignore_index."""
     if labels.numel() == 0:
@@ -41,9 +63,123 @@ def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int, name:
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bool(bad.any()):
         pos = tuple(int(i) for i in bad.nonzero()[0])
-        value = int(labels[pos])
-        raise ValueError(f"{name}[{', '.join(map(str, pos))}] = {value} is outside [0, {vocab}) and is not "
-                         f"ignore_index ({ignore_index})")
+        raise ValueError(bad_label_message(pos, int(labels[pos]), vocab, ignore_index, name))
+
+
+# ---- device-side label flags (see the module docstring) ----------------------------------------------------------
+NO_BAD_LABEL = torch.iinfo(torch.int64).max
+LABEL_CHECKS = ("sync", "deferred", "trusted")
+_label_check: contextvars.ContextVar[str] = contextvars.ContextVar("spa_kernels_label_check", default="sync")
+
+
+@contextlib.contextmanager
+def label_check(mode: str):
+    """How check_label_flag treats the kernels' bad-label flags inside the block: "sync", "deferred", "trusted"."""
+    if mode not in LABEL_CHECKS:
+        raise ValueError(f"label check mode must be one of {LABEL_CHECKS}, got {mode!r}")
+    token = _label_check.set(mode)
+    try:
+        yield
+    finally:
+        _label_check.reset(token)
+
+
+def label_check_for(validate: bool) -> str:
+    """The label check mode of a public function's validate= argument."""
+    return "sync" if validate else "deferred"
+
+
+def _flat_bad_label_message(labels: torch.Tensor, flat: int, vocab: int, ignore_index: int, name: str) -> str:
+    pos = divmod(flat, labels.shape[1]) if labels.dim() == 2 else (flat,)
+    return bad_label_message(tuple(pos), int(labels.reshape(-1)[flat]), vocab, ignore_index, name)
+
+
+class _DeferredLabelChecks:
+    """Bad-label flags of validate=False calls, each copied to pinned host memory behind a CUDA event."""
+
+    def __init__(self):
+        self._pending: deque = deque()
+        self._lock = threading.Lock()
+
+    def push(self, flag: torch.Tensor, labels: torch.Tensor, vocab: int, ignore_index: int, name: str) -> None:
+        host = torch.empty(1, dtype=torch.int64, pin_memory=True)
+        host.copy_(flag, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        with self._lock:
+            self._pending.append((event, host, labels, vocab, ignore_index, name))
+
+    def raise_ready(self, wait: bool) -> None:
+        """Drops the completed checks that found nothing; raises ValueError for the oldest completed one that found a
+        bad label. wait=True first waits for every pending check."""
+        found = None
+        with self._lock:
+            keep = deque()
+            for item in self._pending:
+                event, host = item[0], item[1]
+                if found is not None or not (wait or event.query()):
+                    keep.append(item)
+                    continue
+                if wait:
+                    event.synchronize()
+                if int(host[0]) != NO_BAD_LABEL:
+                    found = item
+            self._pending = keep
+        if found is not None:
+            _, host, labels, vocab, ignore_index, name = found
+            raise ValueError(_flat_bad_label_message(labels, int(host[0]), vocab, ignore_index, name)
+                             + f" (found on the GPU by an earlier call with validate=False; labels of shape "
+                               f"{list(labels.shape)})")
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+
+_deferred = _DeferredLabelChecks()
+
+
+def check_label_flag(flag: torch.Tensor, labels: torch.Tensor, vocab: int, ignore_index: int,
+                     name: str = "labels") -> None:
+    """Reads a kernel's [1] int64 bad-label flag (NO_BAD_LABEL = none) as the current label_check mode says."""
+    mode = _label_check.get()
+    if mode == "trusted":
+        return
+    capturing = flag.is_cuda and torch.cuda.is_current_stream_capturing()
+    if mode == "sync":
+        if capturing:
+            raise RuntimeError("label validation reads a device flag, which CUDA graph capture forbids; pass "
+                               "validate=False (out-of-range labels are then scored as ignored, never read)")
+        flat = int(flag.item())
+        if flat != NO_BAD_LABEL:
+            raise ValueError(_flat_bad_label_message(labels, flat, vocab, ignore_index, name))
+    elif not capturing:  # inside a captured graph there is no later point to read the flag at
+        _deferred.push(flag, labels, vocab, ignore_index, name)
+
+
+def raise_deferred_label_errors() -> None:
+    """Raises the error of a completed deferred label check, without waiting for the GPU (kernel entry points call
+    this first)."""
+    if len(_deferred) and not torch.cuda.is_current_stream_capturing():  # no event queries inside a capture
+        _deferred.raise_ready(wait=False)
+
+
+def flush_label_checks() -> None:
+    """Waits for every pending deferred label check (calls made with validate=False) and raises ValueError for the
+    first that found a label outside [0, V) (a host synchronisation: call it at a point of your choosing, e.g. at
+    the end of an epoch or in a debugging session)."""
+    if len(_deferred):
+        _deferred.raise_ready(wait=True)
+
+
+@atexit.register
+def _report_unchecked_labels() -> None:
+    """Bad labels found by the last deferred checks of a run would otherwise go unreported."""
+    try:
+        flush_label_checks()
+    except ValueError as e:
+        warnings.warn(f"spa_kernels: {e}", RuntimeWarning, stacklevel=1)
+    except Exception:  # noqa: BLE001 - CUDA may already be torn down at exit; nothing left to report then
+        pass
 
 
 def check_logits_and_labels(logits: torch.Tensor, labels: torch.Tensor, name: str = "logits") -> torch.Tensor:

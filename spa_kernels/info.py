@@ -3,7 +3,7 @@ usable in this process and why any is not."""
 
 from __future__ import annotations
 
-import importlib
+import importlib.metadata
 import json
 import platform
 import sys
@@ -14,9 +14,10 @@ from . import __version__, _dispatch, _ext
 
 
 def _version(name: str) -> str:
+    """The installed distribution's version (without importing it); "not installed" when absent."""
     try:
-        return getattr(importlib.import_module(name), "__version__", "?")
-    except Exception:  # noqa: BLE001
+        return importlib.metadata.version(name.replace("_", "-"))
+    except importlib.metadata.PackageNotFoundError:
         return "not installed"
 
 

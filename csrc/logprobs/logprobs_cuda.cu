@@ -1,73 +1,32 @@
-// token / sequence log-probs on CUDA: forward (per-token log-prob + log-sum-exp) and backward (softmax gradient,
-// optionally in place). One thread block per token row, online log-sum-exp in float32, block reduction.
+// token / sequence log-probs on CUDA: forward (per-token log-prob + log-sum-exp, one read of the logits) and
+// backward (softmax gradient, one read of the logits and one write of the gradient, optionally in place).
 //
-// Python side: spa_kernels/ops/logprobs/cuda.py. Out-of-range labels never cause a read: the kernel records the
-// first bad row in a device flag ([1] int64, INT64_MAX when none) that the Python side checks.
-// Only c10/cuda headers: ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers that a minimal toolkit lacks.
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-
-#include <cfloat>
-#include <cstdint>
-#include <limits>
+// One warp per row for rows up to 4 KiB, else one block per row; 16-byte loads and stores (a scalar head and tail
+// where a row does not start on a 16-byte boundary); online log-sum-exp in float32 (see logprobs_cuda.cuh);
+// warp-shuffle merges. Out-of-range labels are never read: the row is scored as ignored and its flat index is
+// recorded in a device flag that the Python side checks (spa_kernels/_validation.py: check_label_flag).
+// The per-sequence sum is a deterministic [N, T] -> [N] torch reduction on the Python side (no atomics).
+//
+// Python side: spa_kernels/ops/logprobs/cuda.py.
+#include "logprobs_cuda.cuh"
 
 namespace spa {
 namespace {
 
-constexpr int kThreads = 512;
+using namespace spa::cuda;
 
-struct MaxSum {
-  float m;
-  float s;
-};
-
-// Merge two partial log-sum-exps; -inf partials (nothing seen yet) merge without producing NaN.
-__device__ __forceinline__ MaxSum merge(MaxSum a, MaxSum b) {
-  const float m = fmaxf(a.m, b.m);
-  if (m == -INFINITY) return {m, 0.f};
-  return {m, a.s * __expf(a.m - m) + b.s * __expf(b.m - m)};
-}
-
-__device__ __forceinline__ MaxSum warp_merge(MaxSum v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    MaxSum o{__shfl_xor_sync(0xffffffff, v.m, offset), __shfl_xor_sync(0xffffffff, v.s, offset)};
-    v = merge(v, o);
-  }
-  return v;
-}
-
-__device__ __forceinline__ MaxSum block_merge(MaxSum v) {
-  __shared__ float sm[32], ss[32];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  v = warp_merge(v);
-  if (lane == 0) {
-    sm[warp] = v.m;
-    ss[warp] = v.s;
-  }
-  __syncthreads();
-  const int nwarps = (blockDim.x + 31) >> 5;
-  v = lane < nwarps ? MaxSum{sm[lane], ss[lane]} : MaxSum{-INFINITY, 0.f};
-  if (warp == 0) v = warp_merge(v);
-  if (threadIdx.x == 0) {
-    sm[0] = v.m;
-    ss[0] = v.s;
-  }
-  __syncthreads();
-  return {sm[0], ss[0]};
-}
-
-template <typename scalar_t>
-__global__ void logprobs_forward_kernel(const scalar_t* __restrict__ logits, int64_t sN, int64_t sT,
-                                        const int64_t* __restrict__ labels, int64_t T, int64_t V,
-                                        int64_t ignore_index, float scale, float* __restrict__ token,
-                                        float* __restrict__ lse, unsigned long long* __restrict__ bad) {
-  const int64_t r = blockIdx.x;
+template <typename scalar_t, bool kWarpPerRow>
+__global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
+    logprobs_forward_kernel(const scalar_t* __restrict__ logits, int64_t sN, int64_t sT,
+                            const int64_t* __restrict__ labels, int64_t rows, int64_t T, int V,
+                            int64_t ignore_index, float scale, float* __restrict__ token, float* __restrict__ lse,
+                            unsigned long long* __restrict__ bad) {
+  const RowThread<kWarpPerRow> rt;
+  if (rt.row >= rows) return;  // uniform over the row's threads (a whole warp, or the whole block)
+  const int64_t r = rt.row;
   const int64_t label = labels[r];
   if (label == ignore_index || label < 0 || label >= V) {
-    if (threadIdx.x == 0) {
+    if (rt.tid == 0) {
       token[r] = 0.f;
       lse[r] = 0.f;
       if (label != ignore_index) atomicMin(bad, static_cast<unsigned long long>(r));
@@ -75,107 +34,180 @@ __global__ void logprobs_forward_kernel(const scalar_t* __restrict__ logits, int
     return;
   }
   const scalar_t* x = logits + (r / T) * sN + (r % T) * sT;
-  MaxSum acc{-INFINITY, 0.f};
-  for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
-    const float v = static_cast<float>(x[i]) * scale;
-    if (v == -INFINITY) continue;
-    if (v > acc.m) {
-      acc.s = acc.s * __expf(acc.m - v) + 1.f;
-      acc.m = v;
-    } else {
-      acc.s += __expf(v - acc.m);
-    }
-  }
-  acc = block_merge(acc);
-  if (threadIdx.x == 0) {
-    const float l = acc.m + logf(acc.s);
-    lse[r] = l;
-    token[r] = static_cast<float>(x[label]) * scale - l;
+  const float x_label = rt.tid == 0 ? static_cast<float>(x[label]) : 0.f;  // issued now, used after the merge
+  MaxSum st[1] = {{-INFINITY, 0.f}};
+  const scalar_t* const rows_in[1] = {x};
+  walk_row<scalar_t, 1>(
+      split_row(x, V), V, rt.tid, rt.nthreads, [&](int i) { add_scalar(st[0], static_cast<float>(x[i]), scale); },
+      [&](int, const Pack<scalar_t>& a) {
+        constexpr int kVec = Pack<scalar_t>::kSize;
+        float f[kVec];
+        float vmax = -INFINITY;
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) {
+          f[k] = static_cast<float>(a.v[k]);
+          vmax = fmaxf(vmax, f[k]);
+        }
+        if (raise_max(st[0], vmax * scale)) {
+#pragma unroll
+          for (int k = 0; k < kVec; ++k) st[0].s += __expf(fmaf(f[k], scale, -st[0].m));
+        }
+      },
+      rows_in);
+  row_merge<kWarpPerRow, 1>(st);
+  if (rt.tid == 0) {
+    const float log_s = __logf(st[0].s);
+    lse[r] = st[0].m + log_s;
+    // x_label * scale - m is exact near the max, so a confident token's log-prob keeps its small digits.
+    token[r] = fmaf(x_label, scale, -st[0].m) - log_s;
   }
 }
 
 template <typename scalar_t>
-__global__ void logprobs_backward_kernel(const float* __restrict__ grad_token, const scalar_t* logits, int64_t sN,
-                                         int64_t sT, const int64_t* __restrict__ labels, const float* __restrict__ lse,
-                                         int64_t T, int64_t V, int64_t ignore_index, float scale, scalar_t* grad,
-                                         int64_t gN, int64_t gT) {
-  const int64_t r = blockIdx.x;
-  const int64_t n = r / T, t = r % T;
+__device__ __forceinline__ void zero_row(scalar_t* gx, int V, int tid, int nthreads) {
+  constexpr int kVec = Pack<scalar_t>::kSize;
+  const RowSplit sp = split_row(gx, V);
+  Pack<scalar_t> zero;
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) zero.v[k] = scalar_t(0);
+  for (int i = tid; i < sp.head; i += nthreads) gx[i] = scalar_t(0);
+  for (int q = tid; q < sp.packs; q += nthreads) store_pack(gx + sp.head + q * kVec, zero);
+  for (int i = sp.tail + tid; i < V; i += nthreads) gx[i] = scalar_t(0);
+}
+
+// gx = g * scale * (onehot(label) - softmax(x * scale)). `logits` and `grad` may be the same buffer (in-place
+// backward): every element is read, then written, by one thread, and no thread reads an element another writes.
+template <typename scalar_t, bool kWarpPerRow>
+__global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
+    logprobs_backward_kernel(const float* __restrict__ grad_token, const scalar_t* logits, int64_t sN, int64_t sT,
+                             const int64_t* __restrict__ labels, const float* __restrict__ lse, int64_t rows,
+                             int64_t T, int V, int64_t ignore_index, float scale, scalar_t* grad, int64_t gN,
+                             int64_t gT) {
+  constexpr int kVec = Pack<scalar_t>::kSize;
+  const RowThread<kWarpPerRow> rt;
+  if (rt.row >= rows) return;
+  const int64_t r = rt.row, n = r / T, t = r % T;
   scalar_t* gx = grad + n * gN + t * gT;
   const int64_t label = labels[r];
   const float g = grad_token[r];
+  // Out-of-range labels were flagged by the forward; here they are ignored rather than read out of bounds.
   if (label == ignore_index || label < 0 || label >= V || g == 0.f) {
-    for (int64_t i = threadIdx.x; i < V; i += blockDim.x) gx[i] = scalar_t(0);
+    zero_row(gx, V, rt.tid, rt.nthreads);
     return;
   }
-  const scalar_t* x = logits + n * sN + t * sT;  // may alias gx (in place): each element is read, then written, by one thread
+  const scalar_t* x = logits + n * sN + t * sT;
+  const int y = static_cast<int>(label);
   const float l = lse[r], coef = g * scale;
-  for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
-    const float p = __expf(static_cast<float>(x[i]) * scale - l);
-    gx[i] = static_cast<scalar_t>(i == label ? coef * (1.f - p) : -coef * p);
+  // -coef * p_i with p_i = exp(x_i * scale - lse): FFMA, FMUL, MUFU.EX2 per element. The label's term
+  // coef * (1 - p) is formed in float32 with expm1 (no cancellation when p is close to 1) and rounded to the storage
+  // type once: the thread that meets the label writes the plain term first and overwrites it after its walk, which
+  // keeps expm1 out of the unrolled loops (the element is read and written by that thread only, in program order).
+  auto other_term = [&](float xv) { return -coef * __expf(fmaf(xv, scale, -l)); };
+  bool own_label = false;
+  float x_label = 0.f;
+  auto scalar = [&](int i) {
+    const float xv = static_cast<float>(x[i]);
+    if (i == y) {
+      own_label = true;
+      x_label = xv;
+    }
+    gx[i] = static_cast<scalar_t>(other_term(xv));
+  };
+  if (misaligned_head(x) == misaligned_head(gx)) {
+    const scalar_t* const rows_in[1] = {x};
+    walk_row<scalar_t, 1>(
+        split_row(x, V), V, rt.tid, rt.nthreads, scalar,
+        [&](int i, const Pack<scalar_t>& a) {
+          Pack<scalar_t> out;
+#pragma unroll
+          for (int k = 0; k < kVec; ++k) {
+            const float xv = static_cast<float>(a.v[k]);
+            if (i + k == y) {
+              own_label = true;
+              x_label = xv;
+            }
+            out.v[k] = static_cast<scalar_t>(other_term(xv));
+          }
+          store_pack(gx + i, out);
+        },
+        rows_in);
+  } else {
+    // The logits row and the gradient row sit at different offsets from a 16-byte boundary (a strided view with a
+    // vocabulary that is not a multiple of 16 bytes, written into a fresh buffer): element by element.
+    for (int i = rt.tid; i < V; i += rt.nthreads) scalar(i);
   }
-}
-
-void check_cuda_inputs(const at::Tensor& logits, const at::Tensor& labels) {
-  TORCH_CHECK(logits.is_cuda() && labels.is_cuda(), "the CUDA kernels need CUDA tensors");
-  TORCH_CHECK(logits.dim() == 3 && (logits.size(2) == 0 || logits.stride(2) == 1),
-              "logits must be [N, T, V] with unit stride over V, got ", logits.sizes(), " strides ", logits.strides());
-  TORCH_CHECK(labels.dim() == 2 && labels.size(0) == logits.size(0) && labels.size(1) == logits.size(1) &&
-                  labels.scalar_type() == at::kLong,
-              "labels must be int64 [N, T] matching logits, got ", labels.sizes(), " ", labels.scalar_type());
+  if (own_label) gx[y] = static_cast<scalar_t>(-coef * expm1f(fmaf(x_label, scale, -l)));
 }
 
 }  // namespace
 
-// Returns (token_logprobs [N, T] f32, lse [N, T] f32, first_bad_row [1] int64 (INT64_MAX if none)).
+// logits [N, T, V] float32 / bfloat16 / float16 (any strides over N and T, unit stride over V), labels [N, T] int64.
+// Returns (token_logprobs [N, T] f32, lse [N, T] f32, bad-label flag [1] int64 (INT64_MAX if none)); ignored and
+// out-of-range tokens get 0 in both outputs.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_forward_cuda(const at::Tensor& logits,
                                                                      const at::Tensor& labels, int64_t ignore_index,
                                                                      double inv_temperature) {
-  check_cuda_inputs(logits, labels);
+  check_logits_cuda(logits, "logits");
+  check_labels_cuda(labels, logits);
   const c10::cuda::CUDAGuard guard(logits.device());
-  const int64_t N = logits.size(0), T = logits.size(1), V = logits.size(2);
-  auto opts = logits.options().dtype(at::kFloat);
+  const int64_t N = logits.size(0), T = logits.size(1), V = logits.size(2), rows = N * T;
+  const auto opts = logits.options().dtype(at::kFloat);
   auto token = at::empty({N, T}, opts), lse = at::empty({N, T}, opts);
-  auto bad = at::full({1}, std::numeric_limits<int64_t>::max(), logits.options().dtype(at::kLong));
-  if (N * T == 0) return {token, lse, bad};
+  auto bad = new_bad_label_flag(logits);
+  if (rows == 0) return {token, lse, bad};
   TORCH_CHECK(V > 0, "logits has an empty vocabulary dimension");
   const auto labels_c = labels.contiguous();
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "logprobs_forward_cuda", [&] {
-    logprobs_forward_kernel<scalar_t><<<N * T, kThreads, 0, stream>>>(
-        logits.const_data_ptr<scalar_t>(), logits.stride(0), logits.stride(1), labels_c.const_data_ptr<int64_t>(), T,
-        V, ignore_index, static_cast<float>(inv_temperature), token.data_ptr<float>(), lse.data_ptr<float>(),
-        reinterpret_cast<unsigned long long*>(bad.data_ptr<int64_t>()));
+  const Launch launch = launch_for(rows, V, logits.element_size());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  SPA_DISPATCH_CUDA_FLOATS(logits.scalar_type(), "logprobs_forward_cuda", [&] {
+    auto kernel = launch.warp_per_row ? logprobs_forward_kernel<scalar_t, true>
+                                      : logprobs_forward_kernel<scalar_t, false>;
+    kernel<<<launch.grid, launch.block, 0, stream>>>(
+        logits.const_data_ptr<scalar_t>(), logits.stride(0), logits.stride(1), labels_c.const_data_ptr<int64_t>(),
+        rows, T, static_cast<int>(V), ignore_index, static_cast<float>(inv_temperature),
+        token.mutable_data_ptr<float>(), lse.mutable_data_ptr<float>(),
+        reinterpret_cast<unsigned long long*>(bad.mutable_data_ptr<int64_t>()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {token, lse, bad};
 }
 
+// grad_logits[n, t, :] = grad_token[n, t] * (onehot(label) - softmax(logits * s)) * s, s = 1 / temperature.
+// grad_out: optional destination of logits' shape and dtype (unit stride over V); passing logits itself makes the
+// backward in place. Ignored (and out-of-range) tokens get zero rows.
 at::Tensor logprobs_backward_cuda(const at::Tensor& grad_token, const at::Tensor& logits, const at::Tensor& labels,
                                   const at::Tensor& lse, int64_t ignore_index, double inv_temperature,
                                   const std::optional<at::Tensor>& grad_out) {
-  check_cuda_inputs(logits, labels);
+  check_logits_cuda(logits, "logits");
+  check_labels_cuda(labels, logits);
   const c10::cuda::CUDAGuard guard(logits.device());
-  const int64_t N = logits.size(0), T = logits.size(1), V = logits.size(2);
-  TORCH_CHECK(grad_token.sizes() == labels.sizes() && grad_token.scalar_type() == at::kFloat,
-              "grad_token must be float32 [N, T]");
-  TORCH_CHECK(lse.sizes() == labels.sizes() && lse.scalar_type() == at::kFloat, "lse must be float32 [N, T]");
+  const int64_t N = logits.size(0), T = logits.size(1), V = logits.size(2), rows = N * T;
+  TORCH_CHECK(grad_token.sizes() == labels.sizes() && grad_token.scalar_type() == at::kFloat &&
+                  grad_token.device() == logits.device(),
+              "grad_token must be float32 [N, T] on ", logits.device(), ", got ", grad_token.scalar_type(), " ",
+              grad_token.sizes(), " on ", grad_token.device());
+  TORCH_CHECK(lse.sizes() == labels.sizes() && lse.scalar_type() == at::kFloat && lse.device() == logits.device(),
+              "lse must be float32 [N, T] on ", logits.device());
   at::Tensor grad = grad_out.has_value() ? *grad_out : at::empty(logits.sizes(), logits.options());
   TORCH_CHECK(grad.sizes() == logits.sizes() && grad.scalar_type() == logits.scalar_type() &&
-                  (V == 0 || grad.stride(2) == 1),
-              "grad_out must match logits' shape and dtype with unit stride over V");
-  if (N * T == 0 || V == 0) return grad;
+                  grad.device() == logits.device() && (V <= 1 || grad.stride(2) == 1),
+              "grad_out must match logits' shape, dtype and device with unit stride over V, got ", grad.sizes(), " ",
+              grad.scalar_type(), " on ", grad.device(), " strides ", grad.strides());
+  if (rows == 0 || V == 0) return grad;
   const auto labels_c = labels.contiguous();
   const auto g_c = grad_token.contiguous();
   const auto lse_c = lse.contiguous();
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "logprobs_backward_cuda", [&] {
-    logprobs_backward_kernel<scalar_t><<<N * T, kThreads, 0, stream>>>(
+  const Launch launch = launch_for(rows, V, logits.element_size());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  SPA_DISPATCH_CUDA_FLOATS(logits.scalar_type(), "logprobs_backward_cuda", [&] {
+    auto kernel = launch.warp_per_row ? logprobs_backward_kernel<scalar_t, true>
+                                      : logprobs_backward_kernel<scalar_t, false>;
+    kernel<<<launch.grid, launch.block, 0, stream>>>(
         g_c.const_data_ptr<float>(), logits.const_data_ptr<scalar_t>(), logits.stride(0), logits.stride(1),
-        labels_c.const_data_ptr<int64_t>(), lse_c.const_data_ptr<float>(), T, V, ignore_index,
-        static_cast<float>(inv_temperature), grad.data_ptr<scalar_t>(), grad.stride(0), grad.stride(1));
+        labels_c.const_data_ptr<int64_t>(), lse_c.const_data_ptr<float>(), rows, T, static_cast<int>(V), ignore_index,
+        static_cast<float>(inv_temperature), grad.mutable_data_ptr<scalar_t>(), grad.stride(0), grad.stride(1));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return grad;
 }
 

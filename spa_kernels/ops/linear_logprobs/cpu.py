@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from .function import ChunkedLinearLogprobsFunction, default_chunk_size
+from . import function
 
 
 def linear_token_logprobs(hidden, weight, bias, labels, inv_temperature: float, chunk_size: int | None):
-    chunk = chunk_size or default_chunk_size(weight.shape[0])
-    return ChunkedLinearLogprobsFunction.apply(hidden, weight, bias, labels, inv_temperature, chunk, "cpu")
+    return function.linear_token_logprobs(hidden, weight, bias, labels, inv_temperature, chunk_size, "cpu")

@@ -1,10 +1,10 @@
-"""Log-probs from hidden states with the cuda log-prob kernel on token chunks (impl="cuda"); see function.py."""
+"""Log-probs from hidden states with the cuda log-prob kernel on token chunks (impl="cuda"); see function.py. The
+chunk length comes from V and the GPU's free memory."""
 
 from __future__ import annotations
 
-from .function import ChunkedLinearLogprobsFunction, default_chunk_size
+from . import function
 
 
 def linear_token_logprobs(hidden, weight, bias, labels, inv_temperature: float, chunk_size: int | None):
-    chunk = chunk_size or default_chunk_size(weight.shape[0])
-    return ChunkedLinearLogprobsFunction.apply(hidden, weight, bias, labels, inv_temperature, chunk, "cuda")
+    return function.linear_token_logprobs(hidden, weight, bias, labels, inv_temperature, chunk_size, "cuda")

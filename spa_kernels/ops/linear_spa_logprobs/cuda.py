@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from ..linear_logprobs.function import default_chunk_size
-from .function import ChunkedLinearSpaLogprobsFunction
+from . import function
 
 
 def supports(weight=None, ref_weight=None, **_):
@@ -14,6 +13,5 @@ def supports(weight=None, ref_weight=None, **_):
 
 def linear_spa_token_logprobs(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lam: float,
                               chunk_size: int | None):
-    chunk = chunk_size or default_chunk_size(weight.shape[0])
-    return ChunkedLinearSpaLogprobsFunction.apply(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels,
-                                                  lam, chunk, "cuda")
+    return function.linear_spa_token_logprobs(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lam,
+                                              chunk_size, "cuda")

@@ -9,7 +9,13 @@ from __future__ import annotations
 import torch
 
 from ... import _dispatch
-from ..._validation import check_logits_and_labels, check_positive_finite, vocab_contiguous
+from ..._validation import (
+    check_logits_and_labels,
+    check_positive_finite,
+    label_check,
+    label_check_for,
+    vocab_contiguous,
+)
 from . import reference
 from .function import TokenLogprobsFunction
 
@@ -17,7 +23,8 @@ __all__ = ["token_logprobs", "sequence_logprobs"]
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
-                   temperature: float = 1.0, impl: str = "auto", inplace_backward: bool = False) -> torch.Tensor:
+                   temperature: float = 1.0, impl: str = "auto", inplace_backward: bool = False,
+                   validate: bool = True) -> torch.Tensor:
     """Per-token log-probabilities ``log softmax(logits / temperature)[label]``.
 
     Args:
@@ -27,24 +34,33 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: 
         impl: "auto" | "torch" | "cpu" | "triton" | "cuda".
         inplace_backward: kernel backends write the gradient into the logits buffer (no [N, T, V] allocation);
             the logits must not be used after backward. Ignored by impl="torch".
+        validate: a label outside [0, V) that is not ``ignore_index`` raises ValueError naming its position. With
+            impl="cuda" the kernel flags it on the device (it is never read) and validate=True reads that flag
+            before returning, which makes the host wait for the kernel. validate=False removes that wait: the
+            token is scored as ignored (0, zero gradient) and the ValueError is raised by a later spa_kernels CUDA
+            call once the GPU has finished this one, or by ``spa_kernels.flush_label_checks()``. The other
+            implementations always raise in the call.
 
     Returns:
         [N, T] (or [M]) float32 (float64 for float64 logits).
     """
     if logits.dim() == 2 and labels.dim() == 1:
         return token_logprobs(logits.unsqueeze(0), labels.unsqueeze(0), ignore_index=ignore_index,
-                              temperature=temperature, impl=impl, inplace_backward=inplace_backward).squeeze(0)
+                              temperature=temperature, impl=impl, inplace_backward=inplace_backward,
+                              validate=validate).squeeze(0)
     labels = check_logits_and_labels(logits, labels)
     temperature = check_positive_finite(temperature, "temperature")
     name, _ = _dispatch.resolve("logprobs", impl, {"logits": logits, "labels": labels})
     if name == "torch":
         return reference.token_logprobs(logits, labels, ignore_index, temperature)
-    return TokenLogprobsFunction.apply(vocab_contiguous(logits), labels, int(ignore_index), 1.0 / temperature,
-                                      bool(inplace_backward), name)
+    with label_check(label_check_for(validate)):
+        return TokenLogprobsFunction.apply(vocab_contiguous(logits), labels, int(ignore_index), 1.0 / temperature,
+                                          bool(inplace_backward), name)
 
 
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100, average: bool = False,
-                      temperature: float = 1.0, impl: str = "auto", inplace_backward: bool = False) -> torch.Tensor:
+                      temperature: float = 1.0, impl: str = "auto", inplace_backward: bool = False,
+                      validate: bool = True) -> torch.Tensor:
     """Per-sequence ``sum_t log p(label_t)`` over non-ignored tokens ([N, T, V] logits, [N, T] labels -> [N]).
 
     ``average=True`` divides by the number of scored tokens (a row with none gives 0). Float32 accumulation
@@ -52,5 +68,5 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, ignore_inde
     """
     labels = check_logits_and_labels(logits, labels)
     token = token_logprobs(logits, labels, ignore_index=ignore_index, temperature=temperature, impl=impl,
-                           inplace_backward=inplace_backward)
+                           inplace_backward=inplace_backward, validate=validate)
     return reference.reduce_sequence(token, labels, ignore_index, average)

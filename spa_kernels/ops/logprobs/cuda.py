@@ -1,7 +1,9 @@
 """CUDA kernels for token / sequence log-probs (impl="cuda"); sources in csrc/logprobs/logprobs_cuda.cu.
 
-The kernel never reads out of bounds for a bad label: it records the first bad row in a device flag, which is
-checked here (a host sync per forward; pass validate=False through the public API to skip it).
+Registered as torch.library custom ops so they trace under torch.compile; they launch on the current CUDA stream and
+never synchronise with the host themselves. A label outside [0, V) is never read: the kernel scores it as ignored
+and records the first one in a device flag, which _validation.check_label_flag reads now (validate=True, the default)
+or later without blocking (validate=False); see spa_kernels/_validation.py.
 """
 
 from __future__ import annotations
@@ -9,24 +11,52 @@ from __future__ import annotations
 import torch
 
 from ... import _ext
+from ..._validation import check_label_flag, raise_deferred_label_errors
 
 
-def _raise_bad_label(labels: torch.Tensor, flat: int, vocab: int, ignore_index: int) -> None:
-    n, t = divmod(flat, labels.shape[1])
-    raise ValueError(f"labels[{n}, {t}] = {int(labels[n, t])} is outside [0, {vocab}) and is not ignore_index "
-                     f"({ignore_index})")
+@torch.library.custom_op("spa_kernels::logprobs_forward_cuda", mutates_args=())
+def _forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+             inv_temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(_ext.kernels().logprobs_forward_cuda(logits, labels, ignore_index, inv_temperature))
 
 
-def forward(logits, labels, ignore_index: int, inv_temperature: float, validate: bool = True):
-    token, lse, bad = _ext.kernels().logprobs_forward_cuda(logits, labels, ignore_index, inv_temperature)
-    if validate:
-        flat = int(bad.item())
-        if flat != torch.iinfo(torch.int64).max:
-            _raise_bad_label(labels, flat, logits.shape[-1], ignore_index)
+@_forward.register_fake
+def _(logits, labels, ignore_index, inv_temperature):
+    shape = logits.shape[:2]
+    return (logits.new_empty(shape, dtype=torch.float32), logits.new_empty(shape, dtype=torch.float32),
+            logits.new_empty(1, dtype=torch.int64))
+
+
+@torch.library.custom_op("spa_kernels::logprobs_backward_cuda", mutates_args=())
+def _backward(grad_token: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
+              ignore_index: int, inv_temperature: float) -> torch.Tensor:
+    return _ext.kernels().logprobs_backward_cuda(grad_token, logits, labels, lse, ignore_index, inv_temperature)
+
+
+@_backward.register_fake
+def _(grad_token, logits, labels, lse, ignore_index, inv_temperature):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("spa_kernels::logprobs_backward_cuda_", mutates_args=("grad_out",))
+def _backward_into(grad_token: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
+                   ignore_index: int, inv_temperature: float, grad_out: torch.Tensor) -> None:
+    _ext.kernels().logprobs_backward_cuda(grad_token, logits, labels, lse, ignore_index, inv_temperature, grad_out)
+
+
+def forward(logits, labels, ignore_index: int, inv_temperature: float):
+    """-> (token_logprobs [N, T], lse [N, T]) float32."""
+    raise_deferred_label_errors()
+    token, lse, flag = _forward(logits, labels, ignore_index, inv_temperature)
+    check_label_flag(flag, labels, logits.shape[-1], ignore_index)
     return token, lse
 
 
 def backward(grad_token, logits, labels, lse, ignore_index: int, inv_temperature: float, grad_out=None):
+    """-> grad_logits; written into grad_out when given (grad_out may be logits itself: in-place backward)."""
+    raise_deferred_label_errors()
     grad_token = grad_token.float().contiguous()
-    return _ext.kernels().logprobs_backward_cuda(grad_token, logits, labels, lse, ignore_index, inv_temperature,
-                                                 grad_out)
+    if grad_out is None:
+        return _backward(grad_token, logits, labels, lse, ignore_index, inv_temperature)
+    _backward_into(grad_token, logits, labels, lse, ignore_index, inv_temperature, grad_out)
+    return grad_out
