@@ -187,3 +187,22 @@ def copy_bytes_per_s(device: torch.device, nbytes: int | None = None) -> float:
     dst = torch.empty_like(src)
     ms = _time_ms(lambda: dst.copy_(src), device)
     return 2 * nbytes / (ms * 1e-3)
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (benchmarks run headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, title: str, name: str, device: torch.device) -> str:
+    """Titles the figure with the device, writes results/<name>_<device tag>.png and returns its path."""
+    fig.suptitle(f"{title} on {device_name(device)}", fontsize=10)
+    fig.tight_layout()
+    path = os.path.join(RESULTS, f"{name}_{device_tag(device)}.png")
+    fig.savefig(path, dpi=110)
+    return path

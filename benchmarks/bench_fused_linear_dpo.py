@@ -198,10 +198,10 @@ def main(argv=None):
                 print(f"skip {name} B={B} T={T} V={V}: needs ~{need / 2**30:.1f} GiB")
                 continue
 
-            def reset():
+            def reset(hidden=hidden, weight=weight):
                 hidden.grad = weight.grad = None
 
-            def step(fn=fn):
+            def step(fn=fn, inputs=inputs):
                 fn(*inputs).backward()
 
             try:
@@ -234,10 +234,7 @@ def main(argv=None):
 
 
 def plot(rows, device):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _harness.pyplot()
 
     shapes = list(dict.fromkeys((r["B"], r["T"], r["V"]) for r in rows))
     impls = list(dict.fromkeys(r["impl"] for r in rows))
@@ -259,11 +256,7 @@ def plot(rows, device):
         ax.set_xticklabels([f"B={b} T={t}\nV={v}" for b, t, v in shapes], fontsize=8)
         ax.grid(alpha=0.3, axis="y")
     axes[0][0].legend(fontsize=8, ncol=min(4, len(impls)))
-    fig.suptitle(f"DPO loss from hidden states on {_harness.device_name(device)}", fontsize=10)
-    fig.tight_layout()
-    path = os.path.join(_harness.RESULTS, f"bench_fused_linear_dpo_{_harness.device_tag(device)}.png")
-    fig.savefig(path, dpi=110)
-    return path
+    return _harness.save_figure(fig, "DPO loss from hidden states", "bench_fused_linear_dpo", device)
 
 
 if __name__ == "__main__":

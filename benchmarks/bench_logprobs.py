@@ -120,7 +120,8 @@ def main(argv=None):
         base = next((b for b in rows if b["impl"] == "eager" and all(b[k] == r[k] for k in ("dtype", "N", "T", "V"))),
                     None)
         r["speedup_vs_eager"] = base["ms"] / r["ms"] if base else float("nan")
-        r["mem_vs_eager"] = r["peak_extra_mb"] / base["peak_extra_mb"] if base and base["peak_extra_mb"] else float("nan")
+        r["mem_vs_eager"] = (r["peak_extra_mb"] / base["peak_extra_mb"] if base and base["peak_extra_mb"]
+                             else float("nan"))
         r["mem_vs_grad"] = r["peak_extra_mb"] / r["grad_mb"]
         r["floor_ms"] = 3 * r["grad_mb"] * 2**20 / bandwidth * 1e3  # read logits twice, write the gradient once
         r["traffic_floor"] = r["floor_ms"] / r["ms"]
@@ -135,10 +136,7 @@ def main(argv=None):
 
 
 def plot(rows, device):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _harness.pyplot()
 
     groups = sorted({(r["dtype"], r["V"]) for r in rows})
     fig, axes = plt.subplots(2, len(groups), figsize=(4.5 * len(groups), 7), squeeze=False)
@@ -157,11 +155,7 @@ def plot(rows, device):
             ax.set_yscale("log")
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"sequence_logprobs on {_harness.device_name(device)}", fontsize=10)
-    fig.tight_layout()
-    path = os.path.join(_harness.RESULTS, f"bench_logprobs_{_harness.device_tag(device)}.png")
-    fig.savefig(path, dpi=110)
-    return path
+    return _harness.save_figure(fig, "sequence_logprobs", "bench_logprobs", device)
 
 
 if __name__ == "__main__":

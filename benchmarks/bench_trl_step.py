@@ -173,10 +173,7 @@ def main(argv=None):
 
 
 def plot(rows, device):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _harness.pyplot()
 
     vocabs = sorted({r["V"] for r in rows})
     variants = list(dict.fromkeys(r["variant"] for r in rows))
@@ -193,11 +190,7 @@ def plot(rows, device):
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, axis="y")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"TRL DPO step on {_harness.device_name(device)}", fontsize=10)
-    fig.tight_layout()
-    path = os.path.join(_harness.RESULTS, f"bench_trl_step_{_harness.device_tag(device)}.png")
-    fig.savefig(path, dpi=110)
-    return path
+    return _harness.save_figure(fig, "TRL DPO step", "bench_trl_step", device)
 
 
 if __name__ == "__main__":

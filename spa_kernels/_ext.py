@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import torch
@@ -40,7 +40,7 @@ def build_status() -> dict[str, Any]:
         return {}
 
 
-@lru_cache(maxsize=None)
+@cache
 def build_info() -> dict[str, Any]:
     if _C is None:
         return {"cpu": False, "cuda": False, "import_error": _IMPORT_ERROR}
@@ -72,7 +72,7 @@ def _why_not_built(part: str) -> str:
     return f"spa_kernels._C was built without {part} kernels; {REBUILD_HINT}"
 
 
-@lru_cache(maxsize=None)
+@cache
 def cpu_unavailable_reason() -> str | None:
     """None when the C++ CPU kernels can run in this process, else why not."""
     if _C is None:

@@ -13,13 +13,10 @@ import os
 import torch
 import triton
 
-from ._validation import check_label_range
+from ._validation import NO_BAD_LABEL, check_label_flag, label_check
 
 # Read once, like triton itself: TRITON_INTERPRET must be set before any @triton.jit function is defined.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-NO_BAD_ROW = torch.iinfo(torch.int64).max  # the bad-label flag's value when every label is in range
-
 
 def autotune(configs: list[triton.Config], key: list[str], interpret: triton.Config, **kwargs):
     """triton.autotune over `configs` on a GPU; under the interpreter only `interpret` (a single config is never
@@ -40,15 +37,15 @@ def dot_f32(*dtypes: torch.dtype) -> bool:
 
 def new_bad_row_flag(device: torch.device) -> torch.Tensor:
     """[1] int64 the kernels lower (tl.atomic_min) to the first flat row whose label is out of range."""
-    return torch.full((1,), NO_BAD_ROW, dtype=torch.int64, device=device)
+    return torch.full((1,), NO_BAD_LABEL, dtype=torch.int64, device=device)
 
 
 def raise_if_bad_label(flag: torch.Tensor, labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    """Raises the shared ValueError (first bad position) when a kernel flagged an out-of-range label. One host sync;
-    the kernels themselves never read out of bounds for such a label."""
-    if int(flag.item()) != NO_BAD_ROW:
-        check_label_range(labels, vocab, ignore_index)
-        raise AssertionError("a kernel flagged an out-of-range label that check_label_range did not find")
+    """Raises the shared ValueError (first bad position) when a kernel flagged an out-of-range label: always in
+    the call (one host sync), whatever validate= says; the kernels themselves never read out of bounds for such a
+    label."""
+    with label_check("sync"):
+        check_label_flag(flag, labels, vocab, ignore_index)
 
 
 def multiprocessors(device: torch.device) -> int:

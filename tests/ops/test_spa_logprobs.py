@@ -6,8 +6,14 @@ import torch
 import spa_kernels as sk
 from spa_kernels import _dispatch
 from tests.conftest import impl_device, impl_params
-from tests.helpers import assert_no_worse, eager_token_logprobs, make_labels, make_logits, oracle_token_logprobs, \
-    seq_reduce
+from tests.helpers import (
+    assert_no_worse,
+    eager_token_logprobs,
+    make_labels,
+    make_logits,
+    oracle_token_logprobs,
+    seq_reduce,
+)
 
 IMPLS = impl_params("spa_logprobs")
 GRAD_RTOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 8e-3, torch.float16: 1e-3}

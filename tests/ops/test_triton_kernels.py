@@ -13,7 +13,8 @@ from tests.helpers import assert_no_worse, make_labels, make_logits, oracle_toke
 from tests.ops.test_linear_logprobs import check_linear, make_linear
 from tests.ops.test_linear_spa_logprobs import _run as check_linear_spa
 from tests.ops.test_logprobs import _check as check_logprobs
-from tests.ops.test_spa_logprobs import _run as check_spa, oracle_extrapolated
+from tests.ops.test_spa_logprobs import _run as check_spa
+from tests.ops.test_spa_logprobs import oracle_extrapolated
 
 pytestmark = pytest.mark.skipif(_dispatch.impl_unavailable_reason("triton") is not None,
                                 reason=str(_dispatch.impl_unavailable_reason("triton")))

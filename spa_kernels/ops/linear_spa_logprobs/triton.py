@@ -17,8 +17,15 @@ import triton
 import triton.language as tl
 
 from ... import _triton
-from ..linear_logprobs.triton import (_INTERPRET_TILE, _kernel_flags, _slices, linear_backward, logits_tile,
-                                      merge_lse, tile_lse_update)
+from ..linear_logprobs.triton import (
+    _INTERPRET_TILE,
+    _kernel_flags,
+    _slices,
+    linear_backward,
+    logits_tile,
+    merge_lse,
+    tile_lse_update,
+)
 
 _SPA_TILE_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),

@@ -10,8 +10,13 @@ import triton
 import triton.language as tl
 
 from ... import _triton
-from ..logprobs.triton import _FWD_CONFIGS, _INTERPRET_BLOCK_V, online_lse_finish, online_lse_update
-from ..logprobs.triton import backward  # noqa: F401 - the backward this op uses
+from ..logprobs.triton import (
+    _FWD_CONFIGS,
+    _INTERPRET_BLOCK_V,
+    backward,  # noqa: F401 - the backward this op uses
+    online_lse_finish,
+    online_lse_update,
+)
 
 
 @triton.jit
