@@ -94,10 +94,14 @@ class GenerateConfig:
 
 @dataclass
 class JudgeConfig:
-    type: Literal["implicit", "contrastive", "reward_model", "llm"] = _f(
+    type: Literal["implicit", "contrastive", "reward_model", "llm", "function"] = _f(
         "implicit", "implicit: SPA's beta*(log pi_{i-1} - log pi_init); contrastive: DLMA's self-reward; "
-                    "reward_model: an HF sequence-classification model; llm: LLM-as-judge")
+                    "reward_model: an HF sequence-classification model; llm: LLM-as-judge; function: a "
+                    "programmatic scorer (judge.function)")
     beta: float = _f(0.1, "beta of the implicit reward")
+    reference: Literal["init", "previous", "none"] = _f(
+        "init", "implicit judge's reference (the paper's ablation axis): init = pi_init (SPA), previous = the "
+                "previous iteration's model pi_{i-2} (pi_init for i = 1), none = no reference (beta * log pi_{i-1})")
     length_penalty: float = _f(0.0, "DICE-style length regularisation: score - length_penalty * response tokens")
     batch_size: int = _f(32, "sequences per forward pass")
     model: str | None = _f(None, "reward_model / llm judges: the judging model (default for llm: pi_{i-1})")
@@ -107,6 +111,8 @@ class JudgeConfig:
         "Question: {prompt}\nResponse A: {a}\nResponse B: {b}\nWhich response is better, A or B? Answer:",
         "llm: the pairwise judging prompt (placeholders {prompt}, {a}, {b})")
     llm_choices: list[str] = _f([" A", " B"], "llm: the two answer strings whose log-probs are compared")
+    function: str | None = _f(None, "function judge: 'module:function' called as function(prompt, response) -> float "
+                                    "(a verifier or rule; with the task's gold oracle, the gold-label control run)")
 
 
 @dataclass
@@ -374,6 +380,10 @@ def _check(cond: bool, key: str, msg: str):
         raise ConfigError(f"{key} {msg}")
 
 
+def _is_function_spec(spec) -> bool:
+    return isinstance(spec, str) and spec.count(":") == 1 and all(spec.split(":"))
+
+
 def _validate(c: Config) -> None:
     _check(bool(c.output_dir), "output_dir", "must not be empty")
     _check(c.sft.epochs > 0 or c.sft.max_steps > 0, "sft.epochs", "must be > 0 (or set sft.max_steps)")
@@ -398,6 +408,8 @@ def _validate(c: Config) -> None:
     _check(len(c.judge.llm_choices) == 2, "judge.llm_choices", "must hold exactly two answer strings")
     _check(c.judge.type != "reward_model" or bool(c.judge.model), "judge.model",
            "must name the reward model when judge.type is reward_model")
+    _check(c.judge.type != "function" or _is_function_spec(c.judge.function), "judge.function",
+           f"must look like 'package.module:function' when judge.type is function, got {c.judge.function!r}")
     r = c.refine
     _check(len(r.lam) >= 1 and all(x >= 0 for x in r.lam), "refine.lam", "must be a non-empty list of values >= 0")
     _check(0 <= r.percentile <= 100, "refine.percentile", "must be in [0, 100]")
@@ -419,7 +431,7 @@ def _validate(c: Config) -> None:
            "dlma needs judge.type: contrastive (the margin is DLMA's self-reward)")
     _check(c.loop.iterations >= 0, "loop.iterations", "must be >= 0")
     e = c.eval
-    _check(e.oracle is None or (e.oracle.count(":") == 1 and all(e.oracle.split(":"))), "eval.oracle",
+    _check(e.oracle is None or _is_function_spec(e.oracle), "eval.oracle",
            f"must look like 'package.module:function', got {e.oracle!r}")
     _check(e.num_samples >= 1, "eval.num_samples", "must be >= 1")
     _check(e.temperature >= 0, "eval.temperature", "must be >= 0")

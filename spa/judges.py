@@ -1,10 +1,14 @@
 """Judges score each of a prompt's K responses; spa.select turns the scores into a (chosen, rejected) pair.
 
   ImplicitRewardJudge   SPA's direct preference judgment r = beta * (log pi_{i-1}(y|x) - log pi_init(y|x)),
-                        summed over response tokens, with spa_kernels in inference mode (the default).
+                        summed over response tokens, with spa_kernels in inference mode (the default); the
+                        reference can also be the previous iteration's model or none (judge.reference, the
+                        paper's ablation).
   ContrastivePromptJudge DLMA's self-reward R = log pi(y | p+, x) - log pi(y | p-, x).
   RewardModelJudge      any transformers sequence-classification reward model (first logit).
   LLMJudge              LLM-as-judge: pairwise "A or B" log-odds, both orders, summed per response.
+  FunctionJudge         any programmatic scorer `module:function(prompt, response) -> float` (a verifier, a rule;
+                        with the task's gold oracle it is the gold-label control: the same loop with a perfect judge).
 
 Each has score(rows) -> [[K floats]] for rows {"prompt": messages, "responses": [K str]}; the implicit judge can
 also return REAL's response embeddings from the same forward pass. `length_penalty` > 0 subtracts
@@ -62,7 +66,8 @@ class ImplicitRewardJudge:
         pad = self.enc.tokenizer.pad_token_id
         pol = score_sequences(self.policy, items, pad, self.batch_size, self.impl, embeddings=embeddings)
         pol, emb = pol if embeddings else (pol, None)
-        ref = score_sequences(self.reference, items, pad, self.batch_size, self.impl)
+        ref = 0.0 if self.reference is None else score_sequences(self.reference, items, pad, self.batch_size,
+                                                                 self.impl)
         r = self.beta * (pol - ref) - self.length_penalty * torch.tensor(lengths, dtype=torch.float32)
         scores = _unflat(r.tolist(), rows)
         if not embeddings:
@@ -178,6 +183,28 @@ class LLMJudge:
         return scores
 
 
+class FunctionJudge:
+    """Scores each response with fn(last user message, response) (the eval oracle's signature)."""
+
+    def __init__(self, fn, length_penalty: float = 0.0, encoder: data_mod.PromptEncoder | None = None):
+        self.fn, self.length_penalty, self.enc = fn, length_penalty, encoder
+
+    def score(self, rows: list[dict]):
+        out = []
+        for r in rows:
+            q = data_mod.prompt_text(r["prompt"])
+            scores = []
+            for resp in r["responses"]:
+                s = float(self.fn(q, resp))
+                if s != s:  # NaN would make every comparison false and the pick arbitrary
+                    raise ValueError(f"judge.function returned NaN for prompt {q[:60]!r}, response {resp[:60]!r}")
+                if self.length_penalty:
+                    s -= self.length_penalty * len(self.enc.encode_response(resp))
+                scores.append(s)
+            out.append(scores)
+        return out
+
+
 def build_judge(cfg, iteration: int):
     """The configured judge for iteration i (>= 1): its policy is pi_{i-1}, its reference pi_init."""
     lay = Layout(cfg.output_dir)
@@ -189,18 +216,29 @@ def build_judge(cfg, iteration: int):
     impl = cfg.train.kernel_impl
     if j.type == "implicit":
         policy = load_causal_lm(policy_path, cfg.model, device)
-        reference = load_causal_lm(init_model_path(cfg), cfg.model, device)
+        reference = None if j.reference == "none" else load_causal_lm(judge_reference_path(cfg, iteration),
+                                                                      cfg.model, device)
         return ImplicitRewardJudge(policy, reference, enc, j.beta, j.batch_size, impl, j.length_penalty), enc
     if j.type == "contrastive":
         policy = load_causal_lm(policy_path, cfg.model, device)
         return ContrastivePromptJudge(policy, enc, j.positive_prompt, j.negative_prompt, j.batch_size, impl,
                                       j.length_penalty), enc
+    if j.type == "function":
+        return FunctionJudge(load_oracle(j.function, "judge.function"), j.length_penalty, enc), enc
     if j.type == "reward_model":
         return RewardModelJudge(j.model, device, j.batch_size, cfg.model.trust_remote_code, j.length_penalty), enc
     model = load_causal_lm(j.model or policy_path, cfg.model, device)
     judge_enc = enc if not j.model else data_mod.PromptEncoder(
         load_tokenizer(j.model, cfg.model.trust_remote_code), 10 ** 9)  # the judge model's own template
     return LLMJudge(model, judge_enc, j.llm_template, j.llm_choices, j.batch_size, impl), enc
+
+
+def judge_reference_path(cfg, iteration: int) -> str:
+    """The implicit judge's reference model for iteration i: pi_init, or with judge.reference=previous the model
+    pi_{i-1} was trained from (pi_{i-2}; pi_init for i = 1)."""
+    if cfg.judge.reference == "previous" and iteration >= 2:
+        return Layout(cfg.output_dir).model(iteration - 2)
+    return init_model_path(cfg)
 
 
 def init_model_path(cfg) -> str:
@@ -269,11 +307,24 @@ def run_judge(cfg, iteration: int) -> str:
                "judge/chosen_chars": sum(len(p["chosen"]) for p in kept) / len(kept),
                "judge/rejected_chars": sum(len(p["rejected"]) for p in kept) / len(kept),
                "judge/seconds_computed": time.perf_counter() - t0}
+    # Length relation of each pair (response tokens incl. EOS): a judge that systematically prefers the shorter or
+    # the longer response shows here first (SPA's known drift is towards longer ones).
+    relation = []
+    for p in kept:
+        lc, lr = len(enc.encode_response(p["chosen"])), len(enc.encode_response(p["rejected"]))
+        relation.append("same_length" if lc == lr else "chosen_shorter" if lc < lr else "chosen_longer")
+    differ = [x for x in relation if x != "same_length"]
+    metrics["judge/chosen_shorter_fraction"] = (sum(x == "chosen_shorter" for x in differ) / len(differ)
+                                                if differ else None)
     if cfg.eval.oracle:  # how often the self-judgment agrees with the gold oracle (a diagnostic; not used)
         oracle = load_oracle(cfg.eval.oracle)
-        metrics["judge/oracle_accuracy"] = sum(
-            pairwise_win(oracle(data_mod.prompt_text(p["prompt"]), p["chosen"]),
-                         oracle(data_mod.prompt_text(p["prompt"]), p["rejected"])) for p in kept) / len(kept)
+        wins = [pairwise_win(oracle(data_mod.prompt_text(p["prompt"]), p["chosen"]),
+                             oracle(data_mod.prompt_text(p["prompt"]), p["rejected"])) for p in kept]
+        metrics["judge/oracle_accuracy"] = sum(wins) / len(wins)
+        for rel in ("chosen_shorter", "chosen_longer", "same_length"):
+            sel = [w for w, x in zip(wins, relation) if x == rel]
+            metrics[f"judge/oracle_accuracy_{rel}"] = sum(sel) / len(sel) if sel else None
+            metrics[f"judge/pairs_{rel}"] = len(sel)
     atomic_write_json(lay.stage_metrics(f"iter_{iteration}", "judge"), metrics)
     atomic_write_jsonl(lay.pairs(iteration), kept)
     remove_partial(lay.partial(f"iter_{iteration}", "judge"))
@@ -281,5 +332,5 @@ def run_judge(cfg, iteration: int) -> str:
     return lay.pairs(iteration)
 
 
-__all__ = ["ImplicitRewardJudge", "ContrastivePromptJudge", "RewardModelJudge", "LLMJudge", "build_judge",
-           "run_judge", "init_model_path"]
+__all__ = ["ImplicitRewardJudge", "ContrastivePromptJudge", "RewardModelJudge", "LLMJudge", "FunctionJudge",
+           "build_judge", "run_judge", "init_model_path", "judge_reference_path"]

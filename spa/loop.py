@@ -68,6 +68,10 @@ def check_config(cfg: Config) -> None:
     if os.path.exists(lay.config):
         with open(lay.config) as f:
             stored = yaml.safe_load(f) or {}
+        try:  # a key added to spa since the run was made counts as its default (defaults keep old behaviour)
+            stored = Config.from_dict(stored, source=lay.config).to_dict()
+        except ConfigError:  # a key since removed or renamed: compare as stored, so the diff names it
+            pass
         stored.pop("output_dir", None)
         changes = diff(stored, mine)
         if changes:

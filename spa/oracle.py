@@ -1,4 +1,5 @@
-"""Gold oracles for evaluation: any importable `module:function(prompt, response) -> float`."""
+"""Programmatic scorers: any importable `module:function(prompt, response) -> float`, used as the gold oracle of
+the evaluation (eval.oracle) or as a judge (judge.type: function, judge.function)."""
 
 from __future__ import annotations
 
@@ -6,16 +7,17 @@ import importlib
 from collections.abc import Callable
 
 
-def load_oracle(spec: str) -> Callable[[str, str], float]:
-    """The function named by 'package.module:function'; `prompt` is the last user message, `response` the text."""
+def load_oracle(spec: str, key: str = "eval.oracle") -> Callable[[str, str], float]:
+    """The function named by 'package.module:function'; `prompt` is the last user message, `response` the text.
+    `key` names the config key in error messages."""
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ValueError(f"eval.oracle {spec!r}: cannot import {module_name!r} ({e})") from None
+        raise ValueError(f"{key} {spec!r}: cannot import {module_name!r} ({e})") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise ValueError(f"eval.oracle {spec!r}: {module_name} has no callable {attr!r}")
+        raise ValueError(f"{key} {spec!r}: {module_name} has no callable {attr!r}")
     return fn
 
 

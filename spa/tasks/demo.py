@@ -8,6 +8,9 @@ Layout under the demo folder (default ~/.cache/spa/demo, or $SPA_CACHE/demo):
     full/seed_<s>/             one `spa run` directory per seed (config.yaml, metrics.json, sft/eval*, iter_*/)
     full/summary.json          the table's numbers per seed, their mean and standard deviation, and run times
     quick/...                  the same for --quick
+    full-<hash>/, quick-<hash>/  the same for runs with --set overrides (hash: the overrides), so that e.g.
+                               `spa demo --set judge.reference=none` sits beside the default demo instead of
+                               colliding with it
 Rerunning resumes (finished runs are only re-read).
 """
 
@@ -109,6 +112,8 @@ def run_demo(quick: bool = False, seeds=None, folder: str | None = None, overrid
     sft_model = build_sft_model(task, folder, overrides)
     sft_seconds = time.perf_counter() - t0
     mode = "quick" if quick else "full"
+    if overrides:  # a different experiment: its own runs (the stored configs would otherwise be refused)
+        mode += "-" + hashlib.sha256("\n".join(overrides).encode()).hexdigest()[:8]
     per_seed, times = {}, {}
     for s in seeds:
         cfg = demo_config(task, os.path.join(folder, mode, f"seed_{s}"), s, quick, overrides, sft_model)
@@ -139,7 +144,8 @@ def run_demo(quick: bool = False, seeds=None, folder: str | None = None, overrid
     total = time.perf_counter() - t_start
     print(f"\ntotal {total:.0f} s this call ({mode} demo, seeds {seeds}; SFT model {sft_seconds:.0f} s); "
           f"results in {os.path.join(folder, mode)}")
-    summary = {"mode": mode, "seeds": seeds, "sft_model": sft_model, "per_seed": {str(s): per_seed[s] for s in seeds},
+    summary = {"mode": mode, "overrides": list(overrides or []), "seeds": seeds, "sft_model": sft_model,
+               "per_seed": {str(s): per_seed[s] for s in seeds},
                "mean_std": summary_rows, "seconds_this_call": total, "seconds_sft_this_call": sft_seconds,
                "seconds_per_seed": times}
     atomic_write_json(os.path.join(folder, mode, "summary.json"), summary)

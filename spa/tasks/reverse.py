@@ -62,6 +62,25 @@ def oracle(prompt: str, response: str) -> float:
     return 1.0 - levenshtein(response, t) / max(len(response), len(t), 1)
 
 
+ERROR_KINDS = ("exact", "truncated", "padded", "copy", "same_length", "other")
+
+
+def error_kind(prompt: str, response: str) -> str:
+    """What a response did, for analysis: exact reversal, truncated (a proper prefix of it), padded (it plus extra
+    characters), copy (the word unchanged), same_length (as long as the reversal, other letters) or other."""
+    word = word_of(prompt)
+    t, r = target(word), response.strip()
+    if r == t:
+        return "exact"
+    if r == word:
+        return "copy"
+    if t.startswith(r):
+        return "truncated"
+    if r.startswith(t):
+        return "padded"
+    return "same_length" if len(r) == len(t) else "other"
+
+
 def demonstrate(word: str, rng: random.Random) -> str:
     """One annotator's answer (see DEMONSTRATORS)."""
     t = target(word)

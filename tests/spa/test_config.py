@@ -57,6 +57,8 @@ def test_yaml_and_overrides(tmp_path):
     ("", ["eval.oracle=no_colon"], r"eval\.oracle must look like 'package\.module:function'"),
     ("", ["train.iteration_loss=dlma"], r"dlma needs judge\.type: contrastive"),
     ("", ["judge.type=reward_model"], r"judge\.model must name the reward model"),
+    ("", ["judge.type=function"], r"judge\.function must look like 'package\.module:function'.*got None"),
+    ("", ["judge.type=function", "judge.function=spa.tasks.reverse"], r"judge\.function must look like"),
     ("", ["data.seed_size=2.5"], r"data\.seed_size must be a fraction <= 1 or a whole count"),
 ])
 def test_errors_name_the_key(tmp_path, text, overrides, match):

@@ -25,6 +25,14 @@ def test_oracle_gives_partial_credit():
     assert reverse.levenshtein("kitten", "sitting") == 3
 
 
+def test_error_kind():
+    p = "reverse: planet"
+    got = [reverse.error_kind(p, r) for r in ("tenalp", "tena", "tenalppp", "planet", "tenapl", "tenalpx y", "")]
+    assert got == ["exact", "truncated", "padded", "copy", "same_length", "padded", "truncated"]
+    assert reverse.error_kind(p, "xyz") == "other" and reverse.error_kind("reverse: abba", "abba") == "exact"
+    assert set(got) < set(reverse.ERROR_KINDS)
+
+
 def test_task_is_deterministic_with_mixed_quality_demonstrations():
     a = reverse.build(n_sft=400, n_prefs=50, n_eval_prompts=10, n_eval_pairs=10, seed=0)
     assert a == reverse.build(n_sft=400, n_prefs=50, n_eval_prompts=10, n_eval_pairs=10, seed=0)
@@ -60,15 +68,19 @@ def test_spa_demo_command(tmp_path, capsys):
     for row in ("SFT", "DPO on seed", "SPA iter 1", "mean ± std over seeds [0, 1]", "win rate vs SFT",
                 "judge acc"):
         assert row in out
-    summary = json.loads((tmp_path / "quick" / "summary.json").read_text())
+    runs = [d for d in os.listdir(tmp_path) if d.startswith("quick")]
+    assert len(runs) == 1 and runs[0].startswith("quick-")  # --set overrides: runs of their own, keyed by them
+    run_dir = tmp_path / runs[0]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["overrides"] == tiny and summary["mode"] == runs[0]
     assert summary["seeds"] == [0, 1] and [r["model"] for r in summary["mean_std"]] == \
         ["SFT", "DPO on seed", "SPA iter 1"]
     win = [summary["per_seed"][s][1]["win_rate"] for s in ("0", "1")]
     assert summary["mean_std"][1]["win_rate"] == pytest.approx(sum(win) / 2)
-    assert os.path.exists(tmp_path / "quick" / "seed_1" / "iter_1" / "pairs.jsonl")
+    assert os.path.exists(run_dir / "seed_1" / "iter_1" / "pairs.jsonl")
     sft = [d for d in os.listdir(tmp_path) if d.startswith("sft-")]  # one SFT model, shared by the seeds
     assert len(sft) == 1 and summary["sft_model"] == str(tmp_path / sft[0] / "sft" / "model")
-    assert not os.path.exists(tmp_path / "quick" / "seed_0" / "sft" / "model")
+    assert not os.path.exists(run_dir / "seed_0" / "sft" / "model")
     # rerunning re-reads the finished runs
     assert main(argv) == 0
     assert "SPA iter 1" in capsys.readouterr().out

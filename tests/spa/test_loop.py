@@ -84,6 +84,30 @@ def test_changed_config_is_refused(uninterrupted, tmp_path, capsys):
     assert "use a new output_dir" in capsys.readouterr().err
 
 
+def test_config_stored_by_an_older_spa(uninterrupted, tmp_path):
+    """A key added to spa since a run was made counts as its default on resume; a stored key that spa no longer
+    knows is named in the refusal."""
+    import yaml
+
+    from spa.loop import check_config
+
+    cfg, _ = uninterrupted
+    cfg = cfg.replace(output_dir=str(tmp_path / "old"))
+    stored = cfg.to_dict()
+    del stored["judge"]["reference"]  # as written before judge.reference existed
+    os.makedirs(cfg.output_dir)
+    with open(Layout(cfg.output_dir).config, "w") as f:
+        yaml.safe_dump(stored, f)
+    check_config(cfg)  # same defaults: accepted
+    with pytest.raises(ConfigMismatch, match=r"judge\.reference: 'init' -> 'none'"):
+        check_config(cfg.replace(**{"judge.reference": "none"}))
+    stored["judge"]["retired_key"] = 1
+    with open(Layout(cfg.output_dir).config, "w") as f:
+        yaml.safe_dump(stored, f)
+    with pytest.raises(ConfigMismatch, match=r"judge\.retired_key: 1 -> None"):
+        check_config(cfg)
+
+
 def test_resume_after_sigkill_in_every_stage(uninterrupted, task, tmp_path):
     """The run is SIGKILLed in sft (after a checkpoint), the SFT model's eval (after a shard), the seed DPO (after a
     checkpoint), generate and judge (after a shard); each rerun continues, and the end equals the uninterrupted run."""
@@ -140,3 +164,44 @@ def test_ctrl_c_then_rerun(uninterrupted, task, tmp_path, monkeypatch, capsys):
     assert read_jsonl(lay.pairs(1)) == read_jsonl(Layout(cfg.output_dir).pairs(1))
     assert read_json(lay.eval("iter_1")) | {"model": None} == read_json(Layout(cfg.output_dir).eval("iter_1")) | \
         {"model": None}
+
+
+def test_demo_ablations_judge_study(uninterrupted):
+    """benchmarks/demo_ablations.py's judge study and response kinds on a finished run: the study's SPA row agrees
+    with spa.judges.ImplicitRewardJudge on the same responses, and the kinds are fractions that add up."""
+    import importlib.util
+
+    import torch
+
+    from spa.data import PromptEncoder, prompt_text
+    from spa.judges import ImplicitRewardJudge
+    from spa.modeling import load_causal_lm, load_tokenizer
+    from spa.tasks.reverse import ERROR_KINDS, oracle
+
+    spec = importlib.util.spec_from_file_location("demo_ablations", os.path.join(ROOT, "benchmarks",
+                                                                                 "demo_ablations.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg, _ = uninterrupted
+    lay = Layout(cfg.output_dir)
+    study = {r["score"]: r for r in mod.judge_study(cfg.output_dir, lay.sft_model)}
+    spa_row = study["implicit reward, summed (SPA)"]
+    assert len(study) == 6 and all(0 <= r["accuracy"] <= 1 and r["pairs"] == spa_row["pairs"] for r in study.values())
+
+    tok = load_tokenizer(lay.model(0))
+    judge = ImplicitRewardJudge(load_causal_lm(lay.model(0), cfg.model, torch.device("cpu")),
+                                load_causal_lm(lay.sft_model, cfg.model, torch.device("cpu")),
+                                PromptEncoder(tok, cfg.data.max_prompt_length), beta=cfg.judge.beta)
+    rows = [r for r in read_jsonl(lay.samples(1)) if r["responses"][0] != r["responses"][1]
+            and oracle(prompt_text(r["prompt"]), r["responses"][0]) != oracle(prompt_text(r["prompt"]),
+                                                                               r["responses"][1])]
+    hits = []
+    for r, (a, b) in zip(rows, judge.score(rows)):
+        oa, ob = (oracle(prompt_text(r["prompt"]), x) for x in r["responses"])
+        hits.append(0.5 if a == b else float((a > b) == (oa > ob)))
+    assert spa_row["pairs"] == len(rows) > 0
+    assert spa_row["accuracy"] == pytest.approx(sum(hits) / len(hits))
+
+    kinds = mod.response_kinds(cfg.output_dir, 1)
+    assert [k["model"] for k in kinds] == ["SFT", "DPO on seed", "SPA iter 1"]
+    assert all(sum(k[e] for e in ERROR_KINDS) == pytest.approx(1.0) for k in kinds)

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from spa.data import PromptEncoder
 from spa.io import Layout
-from spa.judges import ContrastivePromptJudge, ImplicitRewardJudge, LLMJudge, RewardModelJudge
+from spa.judges import ContrastivePromptJudge, FunctionJudge, ImplicitRewardJudge, LLMJudge, RewardModelJudge
 from spa.refine import NoiseDetector, lam_for_iteration, refine_alpha
 from spa.select import select_pair, two_means
 from spa.train import PairCollator, PreferenceTrainer, tokenize_pairs
@@ -107,6 +107,23 @@ def test_implicit_reward_judge(models):
     assert [len(s) for s in scores] == [3, 2]
 
 
+def test_implicit_reward_judge_reference_choices(models, tmp_path):
+    """judge.reference (the paper's ablation): none scores beta * log pi_{i-1}; previous uses pi_{i-2} from i = 2."""
+    from spa import Config
+    from spa.judges import judge_reference_path
+
+    tok, policy, _ = models
+    enc = PromptEncoder(tok, 32)
+    scores = ImplicitRewardJudge(policy, None, enc, beta=0.5, batch_size=2).score(ROWS)
+    p, r = enc.encode(ROWS[1]["prompt"]), enc.encode_response(ROWS[1]["responses"][1])
+    assert scores[1][1] == pytest.approx(0.5 * ref_logps(policy, p, r), abs=1e-4)
+    cfg = Config.from_dict({"output_dir": str(tmp_path), "model": {"name_or_path": "init-model"},
+                            "sft": {"enabled": False}, "judge": {"reference": "previous"}})
+    assert judge_reference_path(cfg, 1) == "init-model"
+    assert judge_reference_path(cfg, 3) == str(tmp_path / "iter_1" / "model")
+    assert judge_reference_path(cfg.replace(**{"judge.reference": "init"}), 3) == "init-model"
+
+
 def test_contrastive_prompt_judge(models):
     tok, policy, _ = models
     enc = PromptEncoder(tok, 64)
@@ -120,6 +137,24 @@ def test_contrastive_prompt_judge(models):
         assert s == pytest.approx(ref_logps(policy, pos, r) - ref_logps(policy, neg, r), abs=1e-4)
     with pytest.raises(ValueError, match="must contain"):
         ContrastivePromptJudge(policy, enc, "good", "{prompt} bad")
+
+
+def test_function_judge(models):
+    from spa.oracle import load_oracle
+    from spa.tasks.reverse import oracle
+
+    tok, _, _ = models
+    enc = PromptEncoder(tok, 32)
+    judge = FunctionJudge(load_oracle("spa.tasks.reverse:oracle", "judge.function"), 0.01, enc)
+    scores = judge.score(ROWS)
+    for row, sc in zip(ROWS, scores):
+        q = row["prompt"][-1]["content"]
+        for resp, s in zip(row["responses"], sc):
+            assert s == pytest.approx(oracle(q, resp) - 0.01 * len(enc.encode_response(resp)))
+    with pytest.raises(ValueError, match="judge.function 'spa.tasks.reverse:nope': .* no callable 'nope'"):
+        load_oracle("spa.tasks.reverse:nope", "judge.function")
+    with pytest.raises(ValueError, match="NaN"):
+        FunctionJudge(lambda q, r: float("nan")).score(ROWS)
 
 
 def test_llm_judge_is_order_symmetric(models):

@@ -168,3 +168,28 @@ def test_dlma_iteration_with_contrastive_judge_and_real_selection(run_with_sft):
     spa.run_train(cfg, 1)
     m = read_json(lay.stage_metrics("iter_1", "train"))
     assert m["train/loss_type"] == "dlma" and m["train/pairs"] == len(pairs)
+
+
+def test_function_judge_orients_pairs_by_the_oracle(run_with_sft):
+    """judge.type: function with the task's gold oracle (the gold-label control run): every kept pair is ordered
+    by the oracle, ties dropped, and the length-relation diagnostics add up."""
+    import shutil
+
+    cfg = run_with_sft.replace(**{"judge.type": "function", "judge.function": "spa.tasks.reverse:oracle",
+                                  "generate.num_samples": 3})
+    lay = Layout(cfg.output_dir)
+    shutil.copytree(lay.sft_model, lay.model(0))
+    spa.run_generate(cfg, 1)
+    spa.run_judge(cfg, 1)
+    pairs = read_jsonl(lay.pairs(1))
+    m = read_json(lay.stage_metrics("iter_1", "judge"))
+    assert pairs and m["judge/pairs"] == len(pairs)
+    for p in pairs:
+        q = p["prompt"][-1]["content"]
+        assert oracle(q, p["chosen"]) > oracle(q, p["rejected"])
+        assert p["score_chosen"] == oracle(q, p["chosen"])
+    assert m["judge/oracle_accuracy"] == 1.0
+    n = {k: m[f"judge/pairs_{k}"] for k in ("chosen_shorter", "chosen_longer", "same_length")}
+    assert sum(n.values()) == len(pairs)
+    if n["chosen_shorter"] + n["chosen_longer"]:
+        assert m["judge/chosen_shorter_fraction"] == n["chosen_shorter"] / (n["chosen_shorter"] + n["chosen_longer"])
