@@ -206,7 +206,8 @@ class FunctionJudge:
 
 
 def build_judge(cfg, iteration: int):
-    """The configured judge for iteration i (>= 1): its policy is pi_{i-1}, its reference pi_init."""
+    """The configured judge for iteration i (>= 1): its policy is pi_{i-1}; the implicit judge's reference is pi_init
+    (or, per judge.reference, pi_{i-2} or none)."""
     lay = Layout(cfg.output_dir)
     device = resolve_device(cfg.model.device)
     j = cfg.judge
