@@ -118,6 +118,15 @@ def measure(fn, device: torch.device, reps: int = 5, warmup: int = 1, reset=None
     return {"ms": statistics.median(times), "ms_p20": q(0.2), "ms_p80": q(0.8), "peak_extra_mb": peak / 2**20}
 
 
+def add_common_args(p, variants: str = "comma-separated variant names to run") -> None:
+    """The options every benchmark takes: --reps, --only, --mem-fraction, --no-plot."""
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--only", default="", help=variants)
+    p.add_argument("--mem-fraction", type=float, default=0.8,
+                   help="skip a variant whose estimated footprint exceeds this fraction of free memory")
+    p.add_argument("--no-plot", action="store_true")
+
+
 def write_csv(rows: list[dict], name: str, device: torch.device) -> str:
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, f"{name}_{device_tag(device)}.csv")

@@ -165,11 +165,7 @@ def main(argv=None):
     p.add_argument("--hidden", type=int, default=4096 if on_gpu else 256)
     p.add_argument("--vocab", default="32000,128256" if on_gpu else "4096")
     p.add_argument("--dtype", default="bfloat16" if on_gpu else "float32")
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--only", default="", help="comma-separated variant names to run")
-    p.add_argument("--mem-fraction", type=float, default=0.8,
-                   help="skip a variant whose estimated footprint exceeds this fraction of free memory")
-    p.add_argument("--no-plot", action="store_true")
+    _harness.add_common_args(p)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)

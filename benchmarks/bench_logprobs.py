@@ -75,11 +75,7 @@ def main(argv=None):
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--vocab", default="32000,128256")
     p.add_argument("--tokens", default="1024,2048,4096,8192", help="N*T values (T=512)")
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--only", default="", help="comma-separated variant names to run")
-    p.add_argument("--mem-fraction", type=float, default=0.8,
-                   help="skip a variant whose estimated footprint exceeds this fraction of free memory")
-    p.add_argument("--no-plot", action="store_true")
+    _harness.add_common_args(p)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     T = 512

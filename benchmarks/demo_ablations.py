@@ -139,8 +139,7 @@ def judge_study(run_dir: str, sft_model: str) -> list[dict]:
         "DLMA contrastive self-reward": torch.tensor([s for row in dlma.score(rows) for s in row]),
     }
     relation = []
-    for r in rows:
-        la, lb = (len(enc.encode_response(x)) for x in r["responses"])
+    for r, (la, lb) in zip(rows, n_tok.view(-1, 2).tolist()):
         lw, ll = (lb, la) if r["better"] else (la, lb)
         relation.append("better is same length" if lw == ll else "better is longer" if lw > ll else "better is shorter")
     out = []
@@ -154,6 +153,15 @@ def judge_study(run_dir: str, sft_model: str) -> list[dict]:
             row[f"n: {rel}"] = len(sel)
         out.append(row)
     return out
+
+
+def mean_over_runs(rows: list[dict], key: str) -> list[dict]:
+    """One row per value of `key`: the mean over runs (seeds) of every other numeric column."""
+    groups = defaultdict(list)
+    for r in rows:
+        groups[r[key]].append(r)
+    return [{"run": "mean", key: k, **{c: statistics.mean(x[c] for x in v if x[c] is not None)
+                                       for c in v[0] if c not in ("run", key)}} for k, v in groups.items()]
 
 
 def response_kinds(run_dir: str, iterations: int) -> list[dict]:
@@ -200,24 +208,15 @@ def main(argv=None) -> None:
 
         sft_model = build_sft_model(build_task(folder), folder)
         study = [r for d in dirs["spa"] for r in judge_study(d, sft_model)]
-        by_score = defaultdict(list)
-        for r in study:
-            by_score[r["score"]].append(r)
-        mean_rows = [{"run": "mean", "score": k, **{c: statistics.mean(x[c] for x in v if x[c] is not None)
-                                                     for c in v[0] if c not in ("run", "score")}}
-                     for k, v in by_score.items()]
+        mean_rows = mean_over_runs(study, "score")
         print_table(mean_rows, ["score", "pairs", "accuracy", "acc: better is longer", "acc: better is shorter",
                                 "acc: better is same length", "n: better is longer", "n: better is shorter"],
                     "judge study: pi_0's own samples (iteration 1 of spa), agreement with the oracle, mean over seeds")
         write_csv(study + mean_rows, "demo_judge_study", device)
         kinds = [r for d in dirs["spa"] for r in response_kinds(d, 3)]
-        by_model = defaultdict(list)
-        for r in kinds:
-            by_model[r["model"]].append(r)
+        kind_rows = mean_over_runs(kinds, "model")
         from spa.tasks.reverse import ERROR_KINDS
 
-        kind_rows = [{"run": "mean", "model": m, **{k: statistics.mean(x[k] for x in v) for k in ERROR_KINDS}}
-                     for m, v in by_model.items()]
         print_table(kind_rows, ["model", *ERROR_KINDS], "spa: what the evaluation responses are (fractions, mean over "
                                                        "seeds)")
         write_csv(kinds + kind_rows, "demo_response_kinds", device)
