@@ -1,6 +1,6 @@
 """The `spa` command.
 
-    spa demo [--quick] [--seeds 0 1 2] [--dir DIR]           the built-in offline task, whole loop, results table
+    spa demo [--quick] [--task NAME|all] [--seeds 0 1 2]     a built-in offline task, whole loop, results table
     spa run CONFIG.yaml [--set section.key=value ...]        the SPA loop; rerun to resume after an interruption
     spa sft CONFIG.yaml                                      single stages, same config keys
     spa generate | judge | train CONFIG.yaml --iteration I
@@ -16,6 +16,7 @@ import sys
 
 from .config import Config, ConfigError
 from .data import DataError
+from .tasks import TASK_NAMES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--quick", action="store_true", help="one seed, two SPA iterations (a few minutes on a CPU)")
     sp.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default: 0 1 2, or 0 with --quick)")
     sp.add_argument("--dir", help="demo folder (default ~/.cache/spa/demo or $SPA_CACHE/demo)")
+    sp.add_argument("--task", default="reverse", choices=[*TASK_NAMES, "all"],
+                    help="built-in task (default reverse; all: each in turn)")
     sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override a value of the demo config")
     return p
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from .tasks.demo import run_demo
 
-            run_demo(quick=args.quick, seeds=args.seeds, folder=args.dir, overrides=args.overrides)
+            run_demo(quick=args.quick, seeds=args.seeds, folder=args.dir, overrides=args.overrides, task=args.task)
             return 0
         cfg = Config.load(args.config, args.overrides) if args.config else Config.from_dict({}, args.overrides)
         if args.command == "config":

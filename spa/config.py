@@ -69,6 +69,9 @@ class DataConfig:
     seed: str | None = _f(None, "gold-labelled seed preferences: JSONL/JSON path or datasets name")
     seed_split: str = _f("train_prefs", "split for a datasets name")
     seed_size: float = _f(0.033, "seed pairs taken (seeded shuffle): a fraction (<= 1) of data.seed or a count")
+    validation_size: float = _f(0.25, "part of the seed held out of training as gold validation (the judge's and "
+                                      "each iteration's check, and loop.select): a fraction (< 1) of the seed pairs "
+                                      "or a count; 0 turns validation off")
     prompts: str | None = _f(None, "unlabelled prompt pool for the iterations (default: the prompts of data.seed "
                                    "not taken into the seed)")
     prompts_split: str = _f("train_prefs", "split for a datasets name")
@@ -102,7 +105,13 @@ class JudgeConfig:
     reference: Literal["init", "previous", "none"] = _f(
         "init", "implicit judge's reference (the paper's ablation axis): init = pi_init (SPA), previous = the "
                 "previous iteration's model pi_{i-2} (pi_init for i = 1), none = no reference (beta * log pi_{i-1})")
-    length_penalty: float = _f(0.0, "DICE-style length regularisation: score - length_penalty * response tokens")
+    reference_weight: float = _f(1.0, "implicit judge: score = beta * (log pi_{i-1} - reference_weight * log "
+                                       "pi_ref); 1 = the paper's ratio, 0 = the model's own log-prob, between = both")
+    token_average: bool = _f(False, "implicit judge: log-probs averaged over response tokens instead of summed")
+    length_penalty: float = _f(0.0, "DICE-style length regularisation of every judge: score - length_penalty * "
+                                    "response tokens")
+    length_regress: bool = _f(False, "every judge: subtract the least-squares fit of score on response tokens "
+                                     "(over each shard of prompts) from the scores, removing a linear length bias")
     batch_size: int = _f(32, "sequences per forward pass")
     model: str | None = _f(None, "reward_model / llm judges: the judging model (default for llm: pi_{i-1})")
     positive_prompt: str = _f("{prompt} (giving a helpful response)", "contrastive: the positive prompt p+")
@@ -164,6 +173,16 @@ class TrainConfig:
 @dataclass
 class LoopConfig:
     iterations: int = _f(3, "SPA iterations after the seed DPO")
+    select: Literal["best", "last"] = _f(
+        "best", "the model the run returns: best = the iteration (0 = DPO on the seed included) with the best "
+                "loop.selection_metric on the held-out gold validation pairs (data.validation_size); last = the "
+                "last iteration")
+    selection_metric: Literal["reward_accuracy", "reward_margin", "dpo_loss"] = _f(
+        "reward_accuracy", "validation metric for loop.select=best and loop.patience: the model's implicit-reward "
+                           "accuracy vs pi_init on the validation pairs (ties 1/2), the mean reward margin, or the "
+                           "DPO loss (lower is better)")
+    patience: int = _f(1, "with loop.select=best: stop after this many iterations in a row without a better "
+                          "validation metric (0: never stop early)")
 
 
 @dataclass
@@ -395,6 +414,8 @@ def _validate(c: Config) -> None:
     _check(len(c.data.iteration_prompts) >= 1 and all(x > 0 for x in c.data.iteration_prompts),
            "data.iteration_prompts", "must be a non-empty list of positive counts or fractions")
     _check(c.data.max_prompt_length >= 1, "data.max_prompt_length", "must be >= 1")
+    _check(c.data.validation_size >= 0 and (c.data.validation_size < 1 or float(c.data.validation_size).is_integer()),
+           "data.validation_size", f"must be 0, a fraction < 1 or a whole count, got {c.data.validation_size}")
     g = c.generate
     _check(g.num_samples >= 2, "generate.num_samples", "must be >= 2 (a pair needs two responses)")
     _check(g.temperature > 0, "generate.temperature", "must be > 0 (sampling)")
@@ -404,6 +425,7 @@ def _validate(c: Config) -> None:
     _check(g.shard_size >= 1, "generate.shard_size", "must be >= 1")
     _check(c.judge.beta > 0, "judge.beta", "must be > 0")
     _check(c.judge.length_penalty >= 0, "judge.length_penalty", "must be >= 0")
+    _check(0 <= c.judge.reference_weight <= 1, "judge.reference_weight", "must be in [0, 1]")
     _check(c.judge.batch_size >= 1, "judge.batch_size", "must be >= 1")
     _check(len(c.judge.llm_choices) == 2, "judge.llm_choices", "must hold exactly two answer strings")
     _check(c.judge.type != "reward_model" or bool(c.judge.model), "judge.model",
@@ -430,6 +452,7 @@ def _validate(c: Config) -> None:
     _check(t.iteration_loss != "dlma" or c.judge.type == "contrastive", "train.iteration_loss",
            "dlma needs judge.type: contrastive (the margin is DLMA's self-reward)")
     _check(c.loop.iterations >= 0, "loop.iterations", "must be >= 0")
+    _check(c.loop.patience >= 0, "loop.patience", "must be >= 0 (0: never stop early)")
     e = c.eval
     _check(e.oracle is None or _is_function_spec(e.oracle), "eval.oracle",
            f"must look like 'package.module:function', got {e.oracle!r}")

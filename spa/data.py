@@ -26,6 +26,7 @@ import logging
 import os
 import random
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 logger = logging.getLogger("spa")
 
@@ -211,12 +212,21 @@ def _count(size: float, total: int) -> int:
     return max(1, round(size * total)) if size <= 1 else int(size)
 
 
-def seed_and_pools(cfg) -> tuple[list[dict], list[list[dict]], dict]:
-    """The gold seed pairs and, per iteration, its disjoint slice of unlabelled prompts; deterministic in cfg.seed.
+class SeedData(NamedTuple):
+    seed: list[dict]  # gold pairs DPO is trained on (iteration 0)
+    validation: list[dict]  # gold pairs held out of training: the judge's and every iteration's check
+    pools: list[list[dict]]  # per iteration, its unlabelled prompts
+    info: dict  # counts, for the stage's metrics
 
-    The seed is a seeded random data.seed_size of data.seed. The pool is data.prompts (default: the prompts of
-    data.seed) minus every prompt in the seed, shuffled, then cut into data.iteration_prompts slices (the last
-    slice size repeats when loop.iterations is larger)."""
+
+def seed_and_pools(cfg) -> SeedData:
+    """The gold seed pairs (training and held-out validation) and, per iteration, its disjoint slice of unlabelled
+    prompts; deterministic in cfg.seed.
+
+    The seed is a seeded random data.seed_size of data.seed; data.validation_size of it (a fraction, or a count) is
+    held out as validation and never trained on. The pool is data.prompts (default: the prompts of data.seed)
+    minus every prompt of the seed (validation included), shuffled, then cut into data.iteration_prompts slices
+    (the last slice size repeats when loop.iterations is larger)."""
     d = cfg.data
     if not d.seed:
         raise DataError("data.seed is not set: the gold-labelled seed preferences are required")
@@ -228,14 +238,18 @@ def seed_and_pools(cfg) -> tuple[list[dict], list[list[dict]], dict]:
     if n_seed > len(pairs):
         raise DataError(f"data.seed_size asks for {n_seed} seed pairs but {d.seed} has {len(pairs)}")
     seed = [pairs[i] for i in order[:n_seed]]
-    info = {**stats.as_metrics("data/seed"), "data/seed_pairs": len(seed)}
+    n_val = 0 if d.validation_size == 0 else _count(d.validation_size, n_seed)
+    if n_val >= n_seed:
+        raise DataError(f"data.validation_size holds out {n_val} of the {n_seed} seed pairs: none is left to train "
+                        "on; lower data.validation_size or raise data.seed_size")
+    seed, validation = seed[:n_seed - n_val], seed[n_seed - n_val:]
+    info = {**stats.as_metrics("data/seed"), "data/seed_pairs": len(seed), "data/validation_pairs": len(validation)}
     if d.prompts:
         prompts, pstats = load_prompts(d.prompts, d.prompts_split, d.skip_invalid)
         info.update(pstats.as_metrics("data/prompts"))
     else:
         prompts = [{"id": p["id"], "prompt": p["prompt"]} for p in (pairs[i] for i in order[n_seed:])]
-    seed_ids = {p["id"] for p in seed}
-    seen, pool = set(seed_ids), []
+    seen, pool = {p["id"] for p in seed + validation}, []
     for p in prompts:  # unique prompts not in the seed
         if p["id"] not in seen:
             seen.add(p["id"])
@@ -252,7 +266,7 @@ def seed_and_pools(cfg) -> tuple[list[dict], list[list[dict]], dict]:
         pools.append(pool[start:start + c])
         start += c
     info["data/pool_prompts"] = len(pool)
-    return seed, pools, info
+    return SeedData(seed, validation, pools, info)
 
 
 # --- prompts to tokens ----------------------------------------------------------------------------------------

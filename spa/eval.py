@@ -4,6 +4,8 @@ For each held-out prompt (eval.prompts) every model samples eval.num_samples res
 (common random numbers: the comparison is not blurred by independent sampling noise). Reported:
   win_rate_vs_sft   mean over (prompt, sample) of 1 if oracle(model) > oracle(sft), 1/2 on a tie, else 0
   mean_score        mean oracle score;  mean_tokens / mean_chars: response length
+  exact_rate        fraction of responses with an oracle score of 1 or more (a perfect response for an oracle
+                    scoring in [0, 1], as the built-in tasks' do)
   reward_accuracy   on held-out gold pairs (eval.pairs): how often the model's implicit reward
                     beta*(log pi(y|x) - log pi_init(y|x)) ranks chosen above rejected (ties 1/2)
 Writes output_dir/<sft|iter_i>/eval_samples.jsonl and eval.json.
@@ -21,6 +23,7 @@ from .io import Layout, atomic_write_json, atomic_write_jsonl, read_json, read_j
 from .judges import ImplicitRewardJudge, init_model_path
 from .modeling import load_causal_lm, load_tokenizer, resolve_device
 from .oracle import load_oracle, pairwise_win
+from .validation import model_label
 
 logger = logging.getLogger("spa")
 
@@ -83,6 +86,7 @@ def run_eval(cfg, iteration: int | None) -> str:
         if oracle is not None:
             scores = [s for r in rows for s in r["oracle"]]
             result["eval/mean_score"], result["eval/mean_score_se"] = _mean_se(scores)
+            result["eval/exact_rate"] = sum(x >= 1.0 for x in scores) / len(scores)
             if iteration is not None:
                 base = {r["id"]: r["oracle"] for r in read_jsonl(lay.eval_samples("sft"))}
                 wins = [pairwise_win(a, b) for r in rows if r["id"] in base for a, b in zip(r["oracle"], base[r["id"]])]
@@ -105,9 +109,13 @@ def run_eval(cfg, iteration: int | None) -> str:
 
 
 def results_table(output_dir: str, iterations: int) -> list[dict]:
-    """One row per evaluated model: SFT, DPO on the seed (iter_0), SPA iterations; `judge_acc` is how often the
-    iteration's self-judgment chose what the oracle prefers (judge/oracle_accuracy, when eval.oracle is set)."""
+    """One row per evaluated model: SFT, DPO on the seed (iter_0), SPA iterations. `val_acc`: the model's reward
+    accuracy on the held-out seed pairs (val/reward_accuracy); `judge_val_acc`: the iteration's judge on those pairs
+    (judge/validation_accuracy); `judge_acc`: how often the iteration's self-judgment chose what the oracle prefers
+    on the model's own samples (judge/oracle_accuracy, when eval.oracle is set; oracle ties count 1/2);
+    `selected`: the model the run returns (selected.json)."""
     lay = Layout(output_dir)
+    selected = read_json(lay.selected)["iteration"] if os.path.exists(lay.selected) else None
     rows = []
     for i in [None] + list(range(iterations + 1)):
         path = lay.eval(eval_name(i))
@@ -115,21 +123,29 @@ def results_table(output_dir: str, iterations: int) -> list[dict]:
             r = read_json(path)
         except FileNotFoundError:
             continue
-        judge = lay.stage_metrics(eval_name(i), "judge")
-        judge_acc = read_json(judge).get("judge/oracle_accuracy") if i and os.path.exists(judge) else None
-        label = "SFT" if i is None else "DPO on seed" if i == 0 else f"SPA iter {i}"
-        rows.append({"model": label, "win_rate": r.get("eval/win_rate_vs_sft"), "score": r.get("eval/mean_score"),
+        judge = read_json(lay.stage_metrics(eval_name(i), "judge")) if i else {}
+        val = read_json(lay.validation(i)) if i is not None and os.path.exists(lay.validation(i)) else {}
+        rows.append({"model": "SFT" if i is None else model_label(i), "win_rate": r.get("eval/win_rate_vs_sft"),
+                     "score": r.get("eval/mean_score"), "exact": r.get("eval/exact_rate"),
                      "length": r.get("eval/mean_tokens"), "reward_acc": r.get("eval/reward_accuracy"),
-                     "judge_acc": judge_acc})
+                     "val_acc": val.get("val/reward_accuracy"), "judge_val_acc": judge.get("judge/validation_accuracy"),
+                     "judge_acc": judge.get("judge/oracle_accuracy"), "selected": i is not None and i == selected})
     return rows
 
 
+COLUMNS = (("win_rate", "win rate vs SFT", 3), ("score", "oracle score", 3), ("exact", "exact", 3),
+           ("length", "length", 1), ("reward_acc", "reward acc", 3), ("val_acc", "val acc", 3),
+           ("judge_val_acc", "judge val acc", 3), ("judge_acc", "judge acc", 3))
+
+
 def format_table(rows: list[dict], title: str | None = None) -> str:
+    """The results table; the returned model is marked with '*'."""
     fmt = lambda v, p: "-" if v is None else (v if isinstance(v, str) else f"{v:.{p}f}")
-    head = (f"{'model':<14} {'win rate vs SFT':>16} {'oracle score':>13} {'length':>8} {'reward acc':>11} "
-            f"{'judge acc':>10}")
+    head = f"{'model':<15}" + "".join(f" {name:>{max(len(name), 6)}}" for _, name, _ in COLUMNS)
     lines = ([title] if title else []) + [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['model']:<14} {fmt(r['win_rate'], 3):>16} {fmt(r['score'], 3):>13} "
-                     f"{fmt(r['length'], 1):>8} {fmt(r['reward_acc'], 3):>11} {fmt(r.get('judge_acc'), 3):>10}")
+        label = r["model"] + (" *" if r.get("selected") else "")
+        lines.append(f"{label:<15}" + "".join(f" {fmt(r.get(k), p):>{max(len(name), 6)}}" for k, name, p in COLUMNS))
+    if any(r.get("selected") for r in rows):
+        lines.append("* the model the run returns (selected.json says why)")
     return "\n".join(lines)

@@ -74,7 +74,7 @@ def run_generate(cfg, iteration: int) -> str:
         raise ValueError(f"generate runs in iterations >= 1 (iteration 0 is the seed DPO), got {iteration}")
     lay = Layout(cfg.output_dir)
     final = lay.samples(iteration)
-    _, pools, info = data_mod.seed_and_pools(cfg)
+    _, _, pools, info = data_mod.seed_and_pools(cfg)
     if iteration > len(pools):
         raise ValueError(f"iteration {iteration} has no prompt pool: loop.iterations is {cfg.loop.iterations}")
     policy_path = lay.model(iteration - 1)

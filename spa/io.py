@@ -153,6 +153,13 @@ class Layout:
     def pairs(self, i: int) -> str:
         return self.path(f"iter_{i}", "pairs.jsonl")
 
+    def validation(self, i: int) -> str:
+        return self.path(f"iter_{i}", "validation.json")
+
+    @property
+    def selected(self) -> str:
+        return self.path("selected.json")
+
     def eval(self, name: str) -> str:
         """name: 'sft' or 'iter_<i>'."""
         return self.path(name, "eval.json")

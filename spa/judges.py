@@ -3,7 +3,8 @@
   ImplicitRewardJudge   SPA's direct preference judgment r = beta * (log pi_{i-1}(y|x) - log pi_init(y|x)),
                         summed over response tokens, with spa_kernels in inference mode (the default); the
                         reference can also be the previous iteration's model or none (judge.reference, the
-                        paper's ablation).
+                        paper's ablation), weighted (judge.reference_weight: r = beta * (log pi - w log pi_ref)),
+                        and the log-probs averaged over tokens (judge.token_average).
   ContrastivePromptJudge DLMA's self-reward R = log pi(y | p+, x) - log pi(y | p-, x).
   RewardModelJudge      any transformers sequence-classification reward model (first logit).
   LLMJudge              LLM-as-judge: pairwise "A or B" log-odds, both orders, summed per response.
@@ -11,12 +12,14 @@
                         with the task's gold oracle it is the gold-label control: the same loop with a perfect judge).
 
 Each has score(rows) -> [[K floats]] for rows {"prompt": messages, "responses": [K str]}; the implicit judge can
-also return REAL's response embeddings from the same forward pass. `length_penalty` > 0 subtracts
-length_penalty * response tokens from every score (DICE-style length regularisation).
+also return REAL's response embeddings from the same forward pass. Length adjustments apply to every judge in one
+place (adjust_for_length): judge.length_penalty subtracts length_penalty * response tokens (DICE-style), and
+judge.length_regress removes the least-squares linear fit of the scores on response tokens.
 
 The judge stage (run_judge) writes output_dir/iter_<i>/pairs.jsonl: {"id", "prompt", "chosen", "rejected",
 "score_chosen", "score_rejected", "scores"} and iter_<i>/judge_metrics.json (pairs kept, identical responses and
-exact ties dropped, mean margin, lengths, and with eval.oracle the oracle's agreement with the judge).
+exact ties dropped, mean margin, lengths, the judge's agreement with the held-out gold validation pairs
+(judge/validation_accuracy, spa.validation) and with eval.oracle the oracle's agreement with the judge).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from .io import Layout, atomic_write_json, atomic_write_jsonl, read_jsonl, remov
 from .modeling import load_causal_lm, load_tokenizer, resolve_device, score_sequences
 from .oracle import load_oracle, pairwise_win
 from .select import NEEDS_EMBEDDINGS, select_pair
+from .validation import judge_validation, validation_rows, warn_if_uninformative
 
 logger = logging.getLogger("spa")
 
@@ -51,9 +55,11 @@ def _unflat(values, rows) -> list[list[float]]:
 
 class ImplicitRewardJudge:
     def __init__(self, policy, reference, encoder: data_mod.PromptEncoder, beta: float = 0.1,
-                 batch_size: int = 32, impl: str = "auto", length_penalty: float = 0.0):
+                 batch_size: int = 32, impl: str = "auto", reference_weight: float = 1.0,
+                 token_average: bool = False):
         self.policy, self.reference, self.enc = policy, reference, encoder
-        self.beta, self.batch_size, self.impl, self.length_penalty = beta, batch_size, impl, length_penalty
+        self.beta, self.batch_size, self.impl = beta, batch_size, impl
+        self.reference_weight, self.token_average = reference_weight, token_average
 
     def score(self, rows: list[dict], embeddings: bool = False):
         items, lengths = [], []
@@ -66,9 +72,12 @@ class ImplicitRewardJudge:
         pad = self.enc.tokenizer.pad_token_id
         pol = score_sequences(self.policy, items, pad, self.batch_size, self.impl, embeddings=embeddings)
         pol, emb = pol if embeddings else (pol, None)
-        ref = 0.0 if self.reference is None else score_sequences(self.reference, items, pad, self.batch_size,
-                                                                 self.impl)
-        r = self.beta * (pol - ref) - self.length_penalty * torch.tensor(lengths, dtype=torch.float32)
+        ref = 0.0
+        if self.reference is not None and self.reference_weight:
+            ref = self.reference_weight * score_sequences(self.reference, items, pad, self.batch_size, self.impl)
+        r = self.beta * (pol - ref)
+        if self.token_average:
+            r = r / torch.tensor(lengths, dtype=torch.float32)
         scores = _unflat(r.tolist(), rows)
         if not embeddings:
             return scores
@@ -81,12 +90,12 @@ class ContrastivePromptJudge:
     negative_prompt ('{prompt}' placeholder)."""
 
     def __init__(self, model, encoder: data_mod.PromptEncoder, positive_prompt: str, negative_prompt: str,
-                 batch_size: int = 32, impl: str = "auto", length_penalty: float = 0.0):
+                 batch_size: int = 32, impl: str = "auto"):
         for name, t in (("positive_prompt", positive_prompt), ("negative_prompt", negative_prompt)):
             if "{prompt}" not in t:
                 raise ValueError(f"judge.{name} must contain '{{prompt}}', got {t!r}")
         self.model, self.enc, self.pos, self.neg = model, encoder.unlimited(), positive_prompt, negative_prompt
-        self.batch_size, self.impl, self.length_penalty = batch_size, impl, length_penalty
+        self.batch_size, self.impl = batch_size, impl
 
     def _variant(self, messages, template):
         last = max(i for i, m in enumerate(messages) if m["role"] == "user")
@@ -95,24 +104,22 @@ class ContrastivePromptJudge:
         return msgs
 
     def score(self, rows: list[dict]):
-        pos_items, neg_items, lengths = [], [], []
+        pos_items, neg_items = [], []
         for r, _, resp in _flat(rows):
             ids = self.enc.encode_response(resp)
             pos_items.append((self.enc.encode(self._variant(r["prompt"], self.pos)), ids))
             neg_items.append((self.enc.encode(self._variant(r["prompt"], self.neg)), ids))
-            lengths.append(len(ids))
         pad = self.enc.tokenizer.pad_token_id
         pos = score_sequences(self.model, pos_items, pad, self.batch_size, self.impl)
         neg = score_sequences(self.model, neg_items, pad, self.batch_size, self.impl)
-        return _unflat((pos - neg - self.length_penalty * torch.tensor(lengths, dtype=torch.float32)).tolist(), rows)
+        return _unflat((pos - neg).tolist(), rows)
 
 
 class RewardModelJudge:
     """Scores (prompt, response) with a sequence-classification model's first logit; the conversation goes
     through the reward model's own chat template (plain 'prompt\\n\\nresponse' without one)."""
 
-    def __init__(self, path: str, device, batch_size: int = 32, trust_remote_code: bool = False,
-                 length_penalty: float = 0.0):
+    def __init__(self, path: str, device, batch_size: int = 32, trust_remote_code: bool = False):
         from transformers import AutoModelForSequenceClassification
 
         self.tok = load_tokenizer(path, trust_remote_code)
@@ -120,7 +127,7 @@ class RewardModelJudge:
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tok.pad_token_id
         self.model.to(device).eval()
-        self.batch_size, self.length_penalty = batch_size, length_penalty
+        self.batch_size = batch_size
 
     def _text(self, messages, response):
         if getattr(self.tok, "chat_template", None):
@@ -139,8 +146,7 @@ class RewardModelJudge:
             enc = self.tok(texts[s:s + self.batch_size], return_tensors="pt", padding=True,
                            add_special_tokens=not getattr(self.tok, "chat_template", None)).to(device)
             out += self.model(**enc).logits[:, 0].float().cpu().tolist()
-        lengths = [len(self.tok(resp, add_special_tokens=False).input_ids) for _, _, resp in flat]
-        return _unflat([o - self.length_penalty * n for o, n in zip(out, lengths)], rows)
+        return _unflat(out, rows)
 
 
 class LLMJudge:
@@ -186,8 +192,8 @@ class LLMJudge:
 class FunctionJudge:
     """Scores each response with fn(last user message, response) (the eval oracle's signature)."""
 
-    def __init__(self, fn, length_penalty: float = 0.0, encoder: data_mod.PromptEncoder | None = None):
-        self.fn, self.length_penalty, self.enc = fn, length_penalty, encoder
+    def __init__(self, fn):
+        self.fn = fn
 
     def score(self, rows: list[dict]):
         out = []
@@ -198,11 +204,37 @@ class FunctionJudge:
                 s = float(self.fn(q, resp))
                 if s != s:  # NaN would make every comparison false and the pick arbitrary
                     raise ValueError(f"judge.function returned NaN for prompt {q[:60]!r}, response {resp[:60]!r}")
-                if self.length_penalty:
-                    s -= self.length_penalty * len(self.enc.encode_response(resp))
                 scores.append(s)
             out.append(scores)
         return out
+
+
+def adjust_for_length(scores: list[list[float]], lengths: list[list[int]], penalty: float = 0.0,
+                      regress: bool = False) -> list[list[float]]:
+    """Every judge's length adjustment: score - penalty * tokens (DICE-style), and with `regress` minus the slope of
+    the least-squares line of score on tokens over all the given responses (a linear length bias removed; the
+    intercept does not change any comparison)."""
+    flat_s = [x for row in scores for x in row]
+    flat_n = [float(n) for row in lengths for n in row]
+    slope = penalty
+    if regress and len(flat_n) > 1:
+        mn, ms = sum(flat_n) / len(flat_n), sum(flat_s) / len(flat_s)
+        var = sum((n - mn) ** 2 for n in flat_n)
+        if var > 0:
+            slope += sum((n - mn) * (x - ms) for n, x in zip(flat_n, flat_s)) / var
+    if not slope:
+        return scores
+    return [[x - slope * n for x, n in zip(srow, nrow)] for srow, nrow in zip(scores, lengths)]
+
+
+def judge_rows(judge, rows: list[dict], enc: data_mod.PromptEncoder, jcfg, embeddings: bool = False):
+    """The configured judgment of rows {"prompt", "responses"}: the judge's scores with judge.length_penalty and
+    judge.length_regress applied; with embeddings (implicit judge only), also REAL's response embeddings."""
+    res = judge.score(rows, embeddings=True) if embeddings else judge.score(rows)
+    scores, embs = res if embeddings else (res, None)
+    lengths = [[len(enc.encode_response(y)) for y in r["responses"]] for r in rows]
+    scores = adjust_for_length(scores, lengths, jcfg.length_penalty, jcfg.length_regress)
+    return (scores, embs) if embeddings else scores
 
 
 def build_judge(cfg, iteration: int):
@@ -219,15 +251,15 @@ def build_judge(cfg, iteration: int):
         policy = load_causal_lm(policy_path, cfg.model, device)
         reference = None if j.reference == "none" else load_causal_lm(judge_reference_path(cfg, iteration),
                                                                       cfg.model, device)
-        return ImplicitRewardJudge(policy, reference, enc, j.beta, j.batch_size, impl, j.length_penalty), enc
+        return ImplicitRewardJudge(policy, reference, enc, j.beta, j.batch_size, impl, j.reference_weight,
+                                   j.token_average), enc
     if j.type == "contrastive":
         policy = load_causal_lm(policy_path, cfg.model, device)
-        return ContrastivePromptJudge(policy, enc, j.positive_prompt, j.negative_prompt, j.batch_size, impl,
-                                      j.length_penalty), enc
+        return ContrastivePromptJudge(policy, enc, j.positive_prompt, j.negative_prompt, j.batch_size, impl), enc
     if j.type == "function":
-        return FunctionJudge(load_oracle(j.function, "judge.function"), j.length_penalty, enc), enc
+        return FunctionJudge(load_oracle(j.function, "judge.function")), enc
     if j.type == "reward_model":
-        return RewardModelJudge(j.model, device, j.batch_size, cfg.model.trust_remote_code, j.length_penalty), enc
+        return RewardModelJudge(j.model, device, j.batch_size, cfg.model.trust_remote_code), enc
     model = load_causal_lm(j.model or policy_path, cfg.model, device)
     judge_enc = enc if not j.model else data_mod.PromptEncoder(
         load_tokenizer(j.model, cfg.model.trust_remote_code), 10 ** 9)  # the judge model's own template
@@ -270,11 +302,10 @@ def run_judge(cfg, iteration: int) -> str:
     t0 = time.perf_counter()
 
     def work(shard: int, rows: list[dict]) -> list[dict]:
-        if isinstance(judge, ImplicitRewardJudge):
-            res = judge.score(rows, embeddings=need_emb)
-            scores, embs = res if need_emb else (res, None)
+        if isinstance(judge, ImplicitRewardJudge) and need_emb:
+            scores, embs = judge_rows(judge, rows, enc, cfg.judge, embeddings=True)
         else:
-            scores = judge.score(rows)
+            scores = judge_rows(judge, rows, enc, cfg.judge)
             embs = response_embeddings(embedder, enc, rows, cfg.judge.batch_size,
                                        cfg.train.kernel_impl) if need_emb else None
         out = []
@@ -317,6 +348,12 @@ def run_judge(cfg, iteration: int) -> str:
     differ = [x for x in relation if x != "same_length"]
     metrics["judge/chosen_shorter_fraction"] = (sum(x == "chosen_shorter" for x in differ) / len(differ)
                                                 if differ else None)
+    if cfg.data.validation_size:  # the judge on the held-out gold pairs, exactly as on generated pairs
+        val_rows = validation_rows(cfg, enc)
+        if val_rows:
+            metrics.update(judge_validation(judge_rows(judge, val_rows, enc, cfg.judge)))
+            warning = warn_if_uninformative(metrics, iteration)
+            metrics["judge/validation_warning"] = warning
     if cfg.eval.oracle:  # how often the self-judgment agrees with the gold oracle (a diagnostic; not used)
         oracle = load_oracle(cfg.eval.oracle)
         wins = [pairwise_win(oracle(data_mod.prompt_text(p["prompt"]), p["chosen"]),
@@ -334,4 +371,4 @@ def run_judge(cfg, iteration: int) -> str:
 
 
 __all__ = ["ImplicitRewardJudge", "ContrastivePromptJudge", "RewardModelJudge", "LLMJudge", "FunctionJudge",
-           "build_judge", "run_judge", "init_model_path", "judge_reference_path"]
+           "adjust_for_length", "judge_rows", "build_judge", "run_judge", "init_model_path", "judge_reference_path"]

@@ -1,10 +1,14 @@
-"""The SPA loop: [sft] -> seed DPO -> for each iteration: generate -> judge -> train -> eval.
+"""The SPA loop: [sft] -> seed DPO -> for each iteration: generate -> judge -> train -> validate -> eval.
 
 Every stage's output appears atomically when the stage is done, so `run` (and `spa run`) restarts after a crash,
 Ctrl-C or SIGKILL at the first stage whose output is missing; inside a stage, finished shards and the last trainer
 checkpoint are reused. The config is stored in output_dir/config.yaml on the first run; a rerun with different
 settings is refused (ConfigMismatch names the keys). metrics.json collects per-stage wall time, throughput and
 the stages' own metrics, and the evaluation of every model.
+
+The run returns a model chosen on held-out gold validation (spa.validation): with loop.select=best (the default) the
+iteration whose model validates best, DPO on the seed included, stopping after loop.patience iterations without
+improvement; output_dir/selected.json and metrics.json["selected"] say which model and why.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from .generate import run_generate
 from .io import Layout, atomic_write_json, atomic_write_text, read_json
 from .judges import run_judge
 from .train import run_sft, run_train
+from .validation import Selection, run_validate, select_iteration
 
 logger = logging.getLogger("spa")
 
@@ -37,6 +42,7 @@ class Stage:
     output: str  # exists <=> the stage is done
     fn: Callable[[], str]
     metrics: str | None  # the stage's own metrics file
+    iteration: int | None = None  # None for sft stages
 
 
 def plan(cfg: Config) -> list[Stage]:
@@ -51,13 +57,22 @@ def plan(cfg: Config) -> list[Stage]:
         it = f"iter_{i}"
         if i > 0:
             stages.append(Stage(f"{it}/generate", lay.samples(i), lambda i=i: run_generate(cfg, i),
-                                lay.stage_metrics(it, "generate")))
+                                lay.stage_metrics(it, "generate"), i))
             stages.append(Stage(f"{it}/judge", lay.pairs(i), lambda i=i: run_judge(cfg, i),
-                                lay.stage_metrics(it, "judge")))
-        stages.append(Stage(f"{it}/train", lay.model(i), lambda i=i: run_train(cfg, i), lay.stage_metrics(it, "train")))
+                                lay.stage_metrics(it, "judge"), i))
+        stages.append(Stage(f"{it}/train", lay.model(i), lambda i=i: run_train(cfg, i), lay.stage_metrics(it, "train"),
+                            i))
+        if cfg.data.validation_size:
+            stages.append(Stage(f"{it}/validate", lay.validation(i), lambda i=i: run_validate(cfg, i),
+                                lay.validation(i), i))
         if evaluate:
-            stages.append(Stage(f"{it}/eval", lay.eval(eval_name(i)), lambda i=i: run_eval(cfg, i), None))
+            stages.append(Stage(f"{it}/eval", lay.eval(eval_name(i)), lambda i=i: run_eval(cfg, i), None, i))
     return stages
+
+
+# Keys added to spa since a run may have been stored, whose default changes what a run does: a stored config that
+# lacks them ran with these values (so a resume with the new defaults is refused, naming the key).
+LEGACY_VALUES = {("data", "validation_size"): 0.0, ("loop", "select"): "last", ("loop", "patience"): 0}
 
 
 def check_config(cfg: Config) -> None:
@@ -68,6 +83,9 @@ def check_config(cfg: Config) -> None:
     if os.path.exists(lay.config):
         with open(lay.config) as f:
             stored = yaml.safe_load(f) or {}
+        for (section, key), value in LEGACY_VALUES.items():
+            if isinstance(stored.get(section), dict) and key not in stored[section]:
+                stored[section][key] = value
         try:  # a key added to spa since the run was made counts as its default (defaults keep old behaviour)
             stored = Config.from_dict(stored, source=lay.config).to_dict()
         except ConfigError:  # a key since removed or renamed: compare as stored, so the diff names it
@@ -112,17 +130,41 @@ def run_stage(cfg: Config, stage: Stage) -> bool:
 
 
 def run(cfg: Config, until: str | None = None) -> dict:
-    """The whole loop (resumable); returns metrics.json's content. `until`: stop after the stage of that name."""
+    """The whole loop (resumable); returns metrics.json's content, whose "selected" entry names the model the run
+    returns and why. `until`: stop after the stage of that name."""
     check_config(cfg)
-    for stage in plan(cfg):
+    stages = plan(cfg)
+    last_of = {s.iteration: s.name for s in stages if s.iteration is not None}  # an iteration's final stage
+    selection = None
+    for stage in stages:
         run_stage(cfg, stage)
         if stage.name == until:
             break
+        if stage.iteration is not None and last_of[stage.iteration] == stage.name:
+            selection = select_iteration(cfg, stage.iteration)
+            if selection.rule == "best" and selection.iteration != stage.iteration:
+                logger.warning("iter_%d validates worse than iter_%d (%s %.3f vs %.3f on the held-out gold pairs)",
+                               stage.iteration, selection.iteration, selection.metric,
+                               selection.values[str(stage.iteration)], selection.value)
+            if selection.stopped_early:
+                break
     lay = Layout(cfg.output_dir)
+    if selection is not None:
+        record_selection(cfg, selection)
     table = results_table(cfg.output_dir, cfg.loop.iterations)
     if table:
         logger.info("results\n%s", format_table(table))
     return read_json(lay.metrics) if os.path.exists(lay.metrics) else {}
+
+
+def record_selection(cfg: Config, selection: Selection) -> None:
+    """selected.json and metrics.json["selected"]: the model the run returns and the reason, in one line."""
+    lay = Layout(cfg.output_dir)
+    atomic_write_json(lay.selected, selection.to_dict())
+    metrics = read_json(lay.metrics) if os.path.exists(lay.metrics) else {"stages": {}, "eval": {}}
+    metrics["selected"] = selection.to_dict()
+    atomic_write_json(lay.metrics, metrics)
+    logger.info("selected: %s", selection.reason)
 
 
 def stage_by_name(cfg: Config, name: str) -> Stage:

@@ -273,7 +273,7 @@ def run_train(cfg, iteration: int) -> str:
     t = cfg.train
     device = resolve_device(cfg.model.device)
     if iteration == 0:
-        pairs, _, info = data_mod.seed_and_pools(cfg)
+        pairs, _, _, info = data_mod.seed_and_pools(cfg)
         init_path = ref_path = init_model_path(cfg)
         loss_type, epochs, lam = "sigmoid", t.seed_epochs, None
     else:

@@ -1,2 +1,20 @@
-"""Built-in tasks. `reverse`: the offline demo task (word reversal with a partial-credit gold oracle);
-`chartok`: its character-level tokenizer; `demo`: `spa demo`."""
+"""Built-in offline tasks, each with a programmatic gold oracle with partial credit:
+
+  reverse   reverse a word ("reverse: planet" -> "tenalp"; edit-distance credit)
+  add       add two numbers ("add: 385+47" -> "432"; place-value credit)
+  repeat    write a word N times ("repeat 3: cat" -> "cat cat cat"; counting credit)
+
+`chartok`: the character-level tokenizer they use; `base`: what they share; `demo`: `spa demo`."""
+
+from __future__ import annotations
+
+import importlib
+
+TASK_NAMES = ("reverse", "add", "repeat")
+
+
+def get_task(name: str):
+    """The spa.tasks.base.Task called `name`."""
+    if name not in TASK_NAMES:
+        raise ValueError(f"unknown task {name!r}; built-in tasks: {', '.join(TASK_NAMES)}")
+    return importlib.import_module(f"spa.tasks.{name}").TASK

@@ -127,17 +127,26 @@ def test_long_prompt_rule_and_chat_template():
 
 def test_seed_and_pools(task, tmp_path):
     cfg = Config.from_dict({"output_dir": str(tmp_path), "data": {"seed": task["prefs"], "seed_size": 0.1,
+                                                                   "validation_size": 0.25,
                                                                    "iteration_prompts": [30, 0.25]},
                             "loop": {"iterations": 3}})
-    seed, pools, info = seed_and_pools(cfg)
-    assert len(seed) == 12 and [len(p) for p in pools] == [30, 27, 27]  # 120 pairs: 10% seed, 108 in the pool
+    seed, val, pools, info = seed_and_pools(cfg)
+    # 120 pairs: 10% seed = 12, of which 25% = 3 held out for validation; 108 prompts in the pool
+    assert len(seed) == 9 and len(val) == 3 and [len(p) for p in pools] == [30, 27, 27]
     ids = [p["id"] for pool in pools for p in pool]
-    assert len(set(ids)) == len(ids) and not set(ids) & {p["id"] for p in seed}
-    assert info["data/seed_pairs"] == 12 and info["data/pool_prompts"] == 108
-    again, pools2, _ = seed_and_pools(cfg)
-    assert again == seed and pools2 == pools  # deterministic in cfg.seed
-    other, _, _ = seed_and_pools(cfg.replace(seed=1))
+    assert len(set(ids)) == len(ids) and not set(ids) & {p["id"] for p in seed + val}
+    assert not {p["id"] for p in seed} & {p["id"] for p in val}  # validation is never trained on
+    assert info["data/seed_pairs"] == 9 and info["data/validation_pairs"] == 3 and info["data/pool_prompts"] == 108
+    again, val2, pools2, _ = seed_and_pools(cfg)
+    assert again == seed and val2 == val and pools2 == pools  # deterministic in cfg.seed
+    other, _, _, _ = seed_and_pools(cfg.replace(seed=1))
     assert other != seed
+    no_val, none, _, _ = seed_and_pools(cfg.replace(**{"data.validation_size": 0}))
+    assert len(no_val) == 12 and none == [] and no_val[:9] == seed
+    counted, val5, _, _ = seed_and_pools(cfg.replace(**{"data.validation_size": 5}))
+    assert len(counted) == 7 and len(val5) == 5
+    with pytest.raises(DataError, match="holds out 12 of the 12 seed pairs"):
+        seed_and_pools(cfg.replace(**{"data.validation_size": 12}))
     with pytest.raises(DataError, match=r"asks for 170 prompts over 3 iteration\(s\) but the pool has 108"):
         seed_and_pools(cfg.replace(**{"data.iteration_prompts": [50, 60]}))
     with pytest.raises(DataError, match="data.seed is not set"):

@@ -59,7 +59,7 @@ def test_char_tokenizer_round_trip(tmp_path):
 
 def test_spa_demo_command(tmp_path, capsys):
     """`spa demo --quick` end to end on tiny settings (the real demo differs only in sizes), two seeds, resumable."""
-    tiny = [f"sft.from_scratch={json.dumps(TINY_MODEL)}", "sft.max_steps=3", "train.seed_epochs=0.1",
+    tiny = [f"sft.from_scratch={json.dumps(TINY_MODEL)}", "sft.max_steps=3", "train.seed_epochs=0.3",
             "data.iteration_prompts=[6]", "loop.iterations=1", "eval.max_prompts=6", "generate.max_new_tokens=6",
             "model.device=cpu"]
     argv = ["demo", "--quick", "--dir", str(tmp_path), "--seeds", "0", "1"] + [a for s in tiny for a in ("--set", s)]
@@ -68,13 +68,20 @@ def test_spa_demo_command(tmp_path, capsys):
     for row in ("SFT", "DPO on seed", "SPA iter 1", "mean ± std over seeds [0, 1]", "win rate vs SFT",
                 "judge acc"):
         assert row in out
-    runs = [d for d in os.listdir(tmp_path) if d.startswith("quick")]
+    runs = [d for d in os.listdir(tmp_path / "reverse") if d.startswith("quick")]
     assert len(runs) == 1 and runs[0].startswith("quick-")  # --set overrides: runs of their own, keyed by them
-    run_dir = tmp_path / runs[0]
+    run_dir = tmp_path / "reverse" / runs[0]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["overrides"] == tiny and summary["mode"] == runs[0]
+    assert summary["overrides"] == tiny and summary["mode"] == runs[0] and summary["task"] == "reverse"
     assert summary["seeds"] == [0, 1] and [r["model"] for r in summary["mean_std"]] == \
-        ["SFT", "DPO on seed", "SPA iter 1"]
+        ["SFT", "DPO on seed", "SPA iter 1", "returned"]
+    for s in ("0", "1"):  # which model each run returns, and why, machine-readable
+        sel = summary["selected"][s]
+        assert sel["rule"] == "best" and sel["metric"] == "reward_accuracy" and "held-out gold pairs" in sel["reason"]
+        picked = [r for r in summary["per_seed"][s] if r["selected"]]
+        assert [r["model"] for r in picked] == [["DPO on seed", "SPA iter 1"][sel["iteration"]]]
+    returned = [next(r for r in summary["per_seed"][s] if r["selected"])["win_rate"] for s in ("0", "1")]
+    assert summary["mean_std"][-1]["win_rate"] == pytest.approx(sum(returned) / 2)
     win = [summary["per_seed"][s][1]["win_rate"] for s in ("0", "1")]
     assert summary["mean_std"][1]["win_rate"] == pytest.approx(sum(win) / 2)
     assert os.path.exists(run_dir / "seed_1" / "iter_1" / "pairs.jsonl")

@@ -12,6 +12,7 @@ import pytest
 import spa
 from spa import Config, ConfigMismatch
 from spa.cli import main
+from spa.eval import results_table
 from spa.io import CRASH_ENV, Layout, read_json, read_jsonl
 
 from .conftest import tiny_settings
@@ -44,19 +45,92 @@ def uninterrupted(task, tmp_path_factory):
 def test_loop_end_to_end(uninterrupted, capsys):
     cfg, metrics = uninterrupted
     lay = Layout(cfg.output_dir)
-    names = ["sft", "sft/eval", "iter_0/train", "iter_0/eval", "iter_1/generate", "iter_1/judge", "iter_1/train",
-             "iter_1/eval"]
+    names = ["sft", "sft/eval", "iter_0/train", "iter_0/validate", "iter_0/eval", "iter_1/generate", "iter_1/judge",
+             "iter_1/train", "iter_1/validate", "iter_1/eval"]
     assert list(metrics["stages"]) == names
     assert all(metrics["stages"][n]["seconds"] > 0 for n in names)  # per-stage time
     assert metrics["stages"]["iter_1/generate"]["generate/tokens_per_s"] > 0  # throughput
     assert set(metrics["eval"]) == {"sft", "iter_0", "iter_1"}
     assert 0 <= metrics["eval"]["iter_1"]["eval/win_rate_vs_sft"] <= 1
+    # the returned model and why: in metrics.json, in selected.json, and marked in the results table
+    sel = metrics["selected"]
+    assert sel == read_json(lay.selected) and sel["rule"] == "best" and sel["stopped_early"] is False
+    values = {str(i): read_json(lay.validation(i))["val/reward_accuracy"] for i in (0, 1)}
+    best = max((0, 1), key=lambda i: (values[str(i)], -i))
+    assert sel["values"] == values and sel["iteration"] == best and sel["model"] == lay.model(best)
+    table = results_table(cfg.output_dir, 1)
+    assert [r["model"] for r in table if r["selected"]] == [["DPO on seed", "SPA iter 1"][best]]
     assert Config.load(lay.config) == cfg  # the run's config is stored with it
     assert not os.path.exists(lay.path(".partial"))  # work folders are removed once their stage is done
     # a rerun of a finished run redoes nothing
     before = os.stat(lay.pairs(1)).st_mtime_ns
     assert spa.run(cfg)["stages"] == metrics["stages"]
     assert os.stat(lay.pairs(1)).st_mtime_ns == before
+
+
+def test_validation_values(uninterrupted):
+    """iter_<i>/validation.json and the judge's judge/validation_accuracy equal a recomputation on the held-out seed
+    pairs with ImplicitRewardJudge (the model's reward vs pi_init; the judge: pi_0 vs pi_init)."""
+    import torch
+
+    from spa.data import PromptEncoder, seed_and_pools
+    from spa.judges import ImplicitRewardJudge
+    from spa.modeling import load_causal_lm, load_tokenizer
+    from spa.oracle import pairwise_win
+    from spa.validation import wilson_interval
+
+    cfg, _ = uninterrupted
+    lay = Layout(cfg.output_dir)
+    _, val, _, _ = seed_and_pools(cfg)
+    assert len(val) == 4  # 25% of the 16 seed pairs
+    rows = [{"prompt": p["prompt"], "responses": [p["chosen"], p["rejected"]]} for p in val]
+    tok = load_tokenizer(lay.model(0))
+    enc = PromptEncoder(tok, cfg.data.max_prompt_length)
+    init = load_causal_lm(lay.sft_model, cfg.model, torch.device("cpu"))
+    for i in (0, 1):
+        model = load_causal_lm(lay.model(i), cfg.model, torch.device("cpu"))
+        scores = ImplicitRewardJudge(model, init, enc, beta=cfg.train.beta).score(rows)
+        wins = [pairwise_win(c, r) for c, r in scores]
+        got = read_json(lay.validation(i))
+        assert got["val/reward_accuracy"] == pytest.approx(sum(wins) / 4)
+        assert (got["val/reward_accuracy_ci_low"], got["val/reward_accuracy_ci_high"]) == \
+            pytest.approx(wilson_interval(sum(wins), 4))
+        assert got["val/reward_margin"] == pytest.approx(sum(c - r for c, r in scores) / 4, abs=1e-5)
+        if i == 0:  # the judge of iteration 1 is pi_0's implicit reward: judged on the same pairs
+            judge = read_json(lay.stage_metrics("iter_1", "judge"))
+            same = sum(pairwise_win(c, r) for c, r in ImplicitRewardJudge(model, init, enc,
+                                                                         beta=cfg.judge.beta).score(rows)) / 4
+            assert judge["judge/validation_accuracy"] == pytest.approx(same)
+            assert judge["judge/validation_accuracy_pairs"] == 4
+
+
+def test_early_stop_returns_the_best_iteration(task, tmp_path, monkeypatch):
+    """With validation getting worse after iteration 0, the loop stops after iteration 1 (loop.patience 1) and
+    returns DPO on the seed; with loop.select=last it runs every iteration and returns the last."""
+    import spa.loop
+    from spa.io import atomic_write_json
+
+    def fake_validate(cfg, i):  # iteration 0 validates best
+        out = Layout(cfg.output_dir).validation(i)
+        atomic_write_json(out, {"val/reward_accuracy": 0.8 - 0.1 * i, "val/reward_accuracy_ci_low": 0.5,
+                                "val/reward_accuracy_ci_high": 0.9, "val/reward_accuracy_pairs": 4})
+        return out
+
+    monkeypatch.setattr(spa.loop, "run_validate", fake_validate)
+    settings = tiny_settings(task, str(tmp_path / "best"))
+    settings["loop"] = {"iterations": 2}
+    settings["eval"] = {}  # no eval stages: faster
+    metrics = spa.run(Config.from_dict(settings))
+    assert list(metrics["stages"]) == ["sft", "iter_0/train", "iter_0/validate", "iter_1/generate", "iter_1/judge",
+                                       "iter_1/train", "iter_1/validate"]  # iteration 2 never ran
+    assert metrics["selected"]["iteration"] == 0 and metrics["selected"]["stopped_early"] is True
+    assert "returns iter_0/model (DPO on seed)" in metrics["selected"]["reason"]
+    # a rerun replays the decision without running anything
+    assert spa.run(Config.from_dict(settings))["selected"] == metrics["selected"]
+    settings["output_dir"] = str(tmp_path / "last")
+    settings["loop"] = {"iterations": 2, "select": "last"}
+    metrics = spa.run(Config.from_dict(settings))
+    assert "iter_2/train" in metrics["stages"] and metrics["selected"]["iteration"] == 2
 
 
 def test_single_stages_from_the_cli(uninterrupted, tmp_path):
@@ -101,6 +175,15 @@ def test_config_stored_by_an_older_spa(uninterrupted, tmp_path):
     check_config(cfg)  # same defaults: accepted
     with pytest.raises(ConfigMismatch, match=r"judge\.reference: 'init' -> 'none'"):
         check_config(cfg.replace(**{"judge.reference": "none"}))
+    # a run made before held-out validation existed trained on the whole seed: resuming it with validation would
+    # change its data, so the refusal names the key
+    del stored["data"]["validation_size"]
+    with open(Layout(cfg.output_dir).config, "w") as f:
+        yaml.safe_dump(stored, f)
+    with pytest.raises(ConfigMismatch, match=r"data\.validation_size: 0\.0 -> 0\.25"):
+        check_config(cfg)
+    check_config(cfg.replace(**{"data.validation_size": 0}))
+    stored["data"]["validation_size"] = 0.25
     stored["judge"]["retired_key"] = 1
     with open(Layout(cfg.output_dir).config, "w") as f:
         yaml.safe_dump(stored, f)

@@ -10,7 +10,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from spa.data import PromptEncoder
 from spa.io import Layout
-from spa.judges import ContrastivePromptJudge, FunctionJudge, ImplicitRewardJudge, LLMJudge, RewardModelJudge
+from spa.config import JudgeConfig
+from spa.judges import (
+    ContrastivePromptJudge,
+    FunctionJudge,
+    ImplicitRewardJudge,
+    LLMJudge,
+    RewardModelJudge,
+    adjust_for_length,
+    judge_rows,
+)
 from spa.refine import NoiseDetector, lam_for_iteration, refine_alpha
 from spa.select import select_pair, two_means
 from spa.train import PairCollator, PreferenceTrainer, tokenize_pairs
@@ -93,14 +102,18 @@ def models(sft_run):
 def test_implicit_reward_judge(models):
     tok, policy, reference = models
     enc = PromptEncoder(tok, 32)
-    judge = ImplicitRewardJudge(policy, reference, enc, beta=0.1, batch_size=2, length_penalty=0.01)
+    judge = ImplicitRewardJudge(policy, reference, enc, beta=0.1, batch_size=2)
     scores, emb = judge.score(ROWS, embeddings=True)
-    for row, sc, e in zip(ROWS, scores, emb):
+    weighted = ImplicitRewardJudge(policy, reference, enc, beta=0.1, batch_size=3, reference_weight=0.25,
+                                   token_average=True).score(ROWS)
+    for row, sc, e, w in zip(ROWS, scores, emb, weighted):
         p = enc.encode(row["prompt"])
-        for resp, s, vec in zip(row["responses"], sc, e):
+        for resp, s, vec, sw in zip(row["responses"], sc, e, w):
             r = enc.encode_response(resp)
-            expect = 0.1 * (ref_logps(policy, p, r) - ref_logps(reference, p, r)) - 0.01 * len(r)
+            expect = 0.1 * (ref_logps(policy, p, r) - ref_logps(reference, p, r))
             assert s == pytest.approx(expect, abs=1e-4)
+            expect = 0.1 * (ref_logps(policy, p, r) - 0.25 * ref_logps(reference, p, r)) / len(r)
+            assert sw == pytest.approx(expect, abs=1e-5)
             with torch.no_grad():
                 hidden = policy.model(input_ids=torch.tensor([p + r])).last_hidden_state[0]
             torch.testing.assert_close(vec, hidden[len(p):].mean(0), atol=1e-4, rtol=1e-4)  # response tokens only
@@ -145,8 +158,8 @@ def test_function_judge(models):
 
     tok, _, _ = models
     enc = PromptEncoder(tok, 32)
-    judge = FunctionJudge(load_oracle("spa.tasks.reverse:oracle", "judge.function"), 0.01, enc)
-    scores = judge.score(ROWS)
+    judge = FunctionJudge(load_oracle("spa.tasks.reverse:oracle", "judge.function"))
+    scores = judge_rows(judge, ROWS, enc, JudgeConfig(length_penalty=0.01))  # the length penalty, as for any judge
     for row, sc in zip(ROWS, scores):
         q = row["prompt"][-1]["content"]
         for resp, s in zip(row["responses"], sc):
@@ -155,6 +168,18 @@ def test_function_judge(models):
         load_oracle("spa.tasks.reverse:nope", "judge.function")
     with pytest.raises(ValueError, match="NaN"):
         FunctionJudge(lambda q, r: float("nan")).score(ROWS)
+
+
+def test_length_adjustments():
+    scores, lengths = [[1.0, 2.0], [3.0, 4.0]], [[1, 3], [2, 2]]
+    assert adjust_for_length(scores, lengths) == scores
+    assert adjust_for_length(scores, lengths, penalty=0.5) == [[0.5, 0.5], [2.0, 3.0]]
+    # score = 2 * tokens + (0, 0, 0, 1): the fitted slope over all responses is (-1*-2.25 + 1*1.75) / 2 = 2
+    regressed = adjust_for_length([[2.0, 6.0], [4.0, 5.0]], lengths, regress=True)
+    assert regressed == [[pytest.approx(0.0), pytest.approx(0.0)], [pytest.approx(0.0), pytest.approx(1.0)]]
+    both = adjust_for_length([[2.0, 6.0], [4.0, 5.0]], lengths, penalty=1.0, regress=True)
+    assert both[1] == [pytest.approx(-2.0), pytest.approx(-1.0)]
+    assert adjust_for_length([[1.0, 5.0]], [[2, 2]], regress=True) == [[1.0, 5.0]]  # no length variation
 
 
 def test_llm_judge_is_order_symmetric(models):

@@ -1,0 +1,194 @@
+"""Held-out gold validation: the check the loop makes of its models and of its judge, and the choice of the model a
+run returns.
+
+The seed's gold pairs are the only gold signal a run has, so data.validation_size of them are held out of training
+(spa.data.seed_and_pools). On these pairs:
+  - every iteration's model pi_i is measured (the `validate` stage, iter_<i>/validation.json): its implicit reward
+    beta * (log pi_i(y|x) - log pi_init(y|x)) with the fixed reference pi_init, so that all iterations are on one
+    scale: accuracy (chosen scored above rejected, ties 1/2, with a 95% Wilson interval), mean reward margin, and
+    DPO loss; and, without a reference, how often pi_i's own log-prob (summed, and per token) prefers the chosen
+    response;
+  - the judge of every iteration is applied to each held-out (chosen, rejected) pair exactly as to generated pairs
+    (in the judge stage: judge/validation_accuracy), and a warning says when it cannot be told from chance.
+The run returns the iteration (0 = DPO on the seed, included) with the best loop.selection_metric, and stops after
+loop.patience iterations in a row without improvement (select_iteration); loop.select=last returns the last one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+
+from . import data as data_mod
+from .io import Layout, atomic_write_json, read_json
+from .oracle import pairwise_win
+
+logger = logging.getLogger("spa")
+
+LOWER_IS_BETTER = {"dpo_loss"}
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (ties counted as half a success)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def agreement(chosen: list[float], rejected: list[float], prefix: str) -> dict:
+    """How often scores put the gold chosen response above the rejected one (ties 1/2), with its interval."""
+    wins = [pairwise_win(c, r) for c, r in zip(chosen, rejected)]
+    n = len(wins)
+    acc = sum(wins) / n if n else None
+    lo, hi = wilson_interval(sum(wins), n)
+    return {f"{prefix}": acc, f"{prefix}_ci_low": lo, f"{prefix}_ci_high": hi, f"{prefix}_pairs": n}
+
+
+def validation_rows(cfg, enc: data_mod.PromptEncoder) -> list[dict]:
+    """The held-out gold pairs as judge rows {"id", "prompt", "responses": [chosen, rejected]} (prompts the
+    long-prompt rule skips are left out)."""
+    _, validation, _, _ = data_mod.seed_and_pools(cfg)
+    return [{"id": p["id"], "prompt": p["prompt"], "responses": [p["chosen"], p["rejected"]]} for p in validation
+            if enc.encode(p["prompt"]) is not None]
+
+
+def judge_validation(scores: list[list[float]]) -> dict:
+    """judge/validation_* metrics from the judge's (adjusted) scores of validation_rows."""
+    return agreement([s[0] for s in scores], [s[1] for s in scores], "judge/validation_accuracy")
+
+
+def warn_if_uninformative(metrics: dict, iteration: int) -> str | None:
+    """A warning (logged and returned) when the judge's agreement with the held-out gold labels is not clearly
+    above chance: the lower end of its 95% interval at or below 1/2."""
+    acc, lo, hi, n = (metrics.get(f"judge/validation_accuracy{s}") for s in ("", "_ci_low", "_ci_high", "_pairs"))
+    if not n or lo > 0.5:
+        return None
+    msg = (f"judge iter {iteration}: the judge agrees with the gold label on {acc:.2f} of {n} held-out seed pairs "
+           f"(95% CI {lo:.2f}-{hi:.2f}): it cannot be told from chance, so this iteration's labels may carry little "
+           "or inverse signal; loop.select=best will keep an earlier model if this iteration's model validates worse")
+    logger.warning(msg)
+    return msg
+
+
+@torch.inference_mode()
+def model_validation(model, reference, enc: data_mod.PromptEncoder, rows: list[dict], beta: float,
+                     batch_size: int, impl: str) -> dict:
+    """val/... metrics of `model` on validation_rows (reference: pi_init)."""
+    from .modeling import score_sequences
+
+    items = [(enc.encode(r["prompt"]), enc.encode_response(y)) for r in rows for y in r["responses"]]
+    pad = enc.tokenizer.pad_token_id
+    lp = score_sequences(model, items, pad, batch_size, impl).double()
+    ref = score_sequences(reference, items, pad, batch_size, impl).double()
+    tokens = torch.tensor([len(y) for _, y in items], dtype=torch.float64)
+    reward = beta * (lp - ref)
+    rc, rr = reward[0::2], reward[1::2]
+    out = agreement(rc.tolist(), rr.tolist(), "val/reward_accuracy")
+    out["val/reward_margin"] = (rc - rr).mean().item()
+    out["val/dpo_loss"] = -torch.nn.functional.logsigmoid(rc - rr).mean().item()
+    out["val/logp_accuracy"] = agreement(lp[0::2].tolist(), lp[1::2].tolist(), "a")["a"]
+    per_tok = lp / tokens
+    out["val/logp_per_token_accuracy"] = agreement(per_tok[0::2].tolist(), per_tok[1::2].tolist(), "a")["a"]
+    out["val/chosen_logp_per_token"] = per_tok[0::2].mean().item()
+    return out
+
+
+def run_validate(cfg, iteration: int) -> str:
+    """Measures iteration i's model on the held-out gold pairs; returns iter_<i>/validation.json."""
+    from .judges import init_model_path
+    from .modeling import load_causal_lm, load_tokenizer, resolve_device
+
+    lay = Layout(cfg.output_dir)
+    device = resolve_device(cfg.model.device)
+    path = lay.model(iteration)
+    tok = load_tokenizer(path, cfg.model.trust_remote_code)
+    enc = data_mod.PromptEncoder(tok, cfg.data.max_prompt_length, cfg.data.long_prompts, cfg.data.chat_template)
+    rows = validation_rows(cfg, enc)
+    if not rows:
+        raise ValueError("validate: no held-out validation pair fits data.max_prompt_length; raise "
+                         "data.validation_size or data.max_prompt_length")
+    model = load_causal_lm(path, cfg.model, device)
+    reference = load_causal_lm(init_model_path(cfg), cfg.model, device)
+    metrics = model_validation(model, reference, enc, rows, cfg.train.beta, cfg.judge.batch_size,
+                               cfg.train.kernel_impl)
+    out = lay.validation(iteration)
+    atomic_write_json(out, metrics)
+    m = metrics
+    logger.info("validate iter %d: reward accuracy %.3f (95%% CI %.2f-%.2f) on %d held-out gold pairs, margin %.3f",
+                iteration, m["val/reward_accuracy"], m["val/reward_accuracy_ci_low"],
+                m["val/reward_accuracy_ci_high"], m["val/reward_accuracy_pairs"], m["val/reward_margin"])
+    return out
+
+
+@dataclass
+class Selection:
+    iteration: int  # the returned model is iter_<iteration>/model
+    model: str
+    rule: str  # "best" or "last"
+    metric: str | None
+    value: float | None
+    values: dict[str, float]  # iteration -> validation metric, for every validated iteration
+    stopped_early: bool
+    reason: str  # one line a user can read
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def model_label(iteration: int) -> str:
+    return "DPO on seed" if iteration == 0 else f"SPA iter {iteration}"
+
+
+def choose_iteration(values: dict[int, float], patience: int, lower_is_better: bool = False,
+                     iterations: int | None = None) -> tuple[int, bool]:
+    """(best iteration, whether to stop after the last one in `values`): the best value, ties to the earlier
+    iteration; stop when the last `patience` iterations (> 0) brought no better value and iterations remain."""
+    sign = -1.0 if lower_is_better else 1.0
+    best = max(values, key=lambda i: (sign * values[i], -i))
+    last = max(values)
+    stopped = patience > 0 and last - best >= patience and (iterations is None or last < iterations)
+    return best, stopped
+
+
+def select_iteration(cfg, last: int) -> Selection:
+    """The model the run returns after iterations 0..last are done (validated when loop.select=best), and whether
+    the loop stops early there (loop.patience iterations in a row without a better validation metric)."""
+    lay = Layout(cfg.output_dir)
+    lp = cfg.loop
+    if lp.select == "last" or cfg.data.validation_size == 0:
+        why = "loop.select=last" if lp.select == "last" else "no validation pairs (data.validation_size=0)"
+        return Selection(last, lay.model(last), "last", None, None, {}, False,
+                         f"returns iter_{last}/model ({model_label(last)}), the last iteration ({why})")
+    key = f"val/{lp.selection_metric}"
+    values = {}
+    for i in range(last + 1):
+        path = lay.validation(i)
+        if os.path.exists(path):
+            values[i] = read_json(path)[key]
+    if not values:
+        raise ValueError(f"no validation results in {cfg.output_dir} (iter_<i>/validation.json): run the "
+                         "validate stages first")
+    best, stopped = choose_iteration(values, lp.patience, lp.selection_metric in LOWER_IS_BETTER, lp.iterations)
+    since = last - best
+    v = read_json(lay.validation(best))
+    ci = ""
+    if lp.selection_metric == "reward_accuracy":
+        ci = f" (95% CI {v[key + '_ci_low']:.2f}-{v[key + '_ci_high']:.2f})"
+    reason = (f"returns iter_{best}/model ({model_label(best)}): the best validation {lp.selection_metric} "
+              f"{values[best]:.3f}{ci} on {v['val/reward_accuracy_pairs']} held-out gold pairs among iterations "
+              f"0-{last} (" + ", ".join(f"{i}: {x:.3f}" for i, x in values.items()) + ")")
+    if stopped:
+        reason += f"; stopped after iteration {last}: {since} iteration(s) without improvement (loop.patience)"
+    return Selection(best, lay.model(best), "best", lp.selection_metric, values[best],
+                     {str(i): x for i, x in values.items()}, stopped, reason)
+
+
+__all__ = ["wilson_interval", "agreement", "validation_rows", "judge_validation", "warn_if_uninformative",
+           "model_validation", "run_validate", "Selection", "choose_iteration", "select_iteration"]
