@@ -9,6 +9,7 @@ the stages' own metrics, and the evaluation of every model.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import time
@@ -113,8 +114,10 @@ def run_stage(cfg: Config, stage: Stage) -> bool:
 
 def run(cfg: Config, until: str | None = None) -> dict:
     """The whole loop (resumable); returns metrics.json's content. `until`: stop after the stage of that name."""
+    stages = plan(cfg)
+    check_until(stages, until)
     check_config(cfg)
-    for stage in plan(cfg):
+    for stage in stages:
         run_stage(cfg, stage)
         if stage.name == until:
             break
@@ -123,6 +126,15 @@ def run(cfg: Config, until: str | None = None) -> dict:
     if table:
         logger.info("results\n%s", format_table(table))
     return read_json(lay.metrics) if os.path.exists(lay.metrics) else {}
+
+
+def check_until(stages: list[Stage], until: str | None) -> None:
+    """ConfigError unless `until` is None or the name of a stage in the plan."""
+    names = [s.name for s in stages]
+    if until is not None and until not in names:
+        close = difflib.get_close_matches(until, names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"--until {until!r} is not a stage of this config's plan{hint}; stages: {', '.join(names)}")
 
 
 def stage_by_name(cfg: Config, name: str) -> Stage:
