@@ -68,8 +68,10 @@ def test_every_float_key_refuses_inf():
         for f, tp in typing.get_type_hints(type(sub)).items():
             if float in (tp, *typing.get_args(tp)):
                 n += 1
-                with pytest.raises(ConfigError, match=rf"{section.name}\.{f} must be a finite number"):
-                    Config.from_dict({}, [f"{section.name}.{f}=inf"])
+                listed = typing.get_origin(tp) is list
+                with pytest.raises(ConfigError, match=rf"{section.name}\.{f}{'.0.' if listed else ''} must be a "
+                                                      rf"finite number"):
+                    Config.from_dict({}, [f"{section.name}.{f}={'[inf]' if listed else 'inf'}"])
     assert n >= 20
 
 
