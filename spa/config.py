@@ -218,7 +218,7 @@ class Config:
     @classmethod
     def load(cls, path: str, overrides: list[str] | None = None) -> Config:
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 data = yaml.safe_load(f)
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None

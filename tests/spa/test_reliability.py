@@ -82,7 +82,7 @@ def test_invalid_utf8_line_is_a_data_error_with_file_and_line(tmp_path):
     good = json.dumps({"prompt": "r\u00e9verse: abc", "chosen": "cba", "rejected": "abc"}, ensure_ascii=False)
     src.write_bytes(good.encode() + b"\n" + b'{"prompt": "a\xff\xfe", "chosen": "b", "rejected": "c"}\n'
                     + good.encode() + b"\n")
-    with pytest.raises(DataError, match=r"p\.jsonl:2: not valid UTF-8 \(byte 0xff at column 13\).*skip_invalid"):
+    with pytest.raises(DataError, match=r"p\.jsonl:2: not valid UTF-8 \(byte 0xff at column 14\).*skip_invalid"):
         load_pairs(str(src), "train")
     pairs, stats = load_pairs(str(src), "train", skip_invalid=True)
     assert (stats.rows, stats.invalid) == (3, 1) and pairs[0]["prompt"][0]["content"] == "r\u00e9verse: abc"
