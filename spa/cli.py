@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s spa %(levelname)s %(message)s", datefmt="%H:%M:%S")
     from . import loop  # heavy imports (torch, transformers) after argument parsing
+    from .train import NonFiniteError
 
     try:
         if args.command == "demo":
@@ -81,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, loop.ConfigMismatch) as e:
         print(f"spa: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:  # the stage stopped; nothing non-finite was saved
+        print(f"spa: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # finished stages and shards are kept (atomic writes)
         print("spa: interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
         return 130

@@ -22,7 +22,9 @@ import dataclasses
 import glob
 import json
 import logging
+import math
 import os
+import re
 import time
 from collections import defaultdict
 
@@ -105,7 +107,62 @@ class PairCollator:
         return batch
 
 
-class PreferenceTrainer(Trainer):
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss, gradient norm or weight; the stage stopped and saved nothing from there."""
+
+
+def nonfinite_parameters(model) -> list[str]:
+    """Names of the parameters holding an inf or a NaN (one device sync for all of them)."""
+    params = [(n, p) for n, p in model.named_parameters() if p.numel()]
+    if not params:
+        return []
+    device = params[0][1].device
+    ok = torch.stack([torch.isfinite(p.detach()).all().to(device) for _, p in params]).cpu()
+    return [] if bool(ok.all()) else [n for (n, _), good in zip(params, ok.tolist()) if not good]
+
+
+class FiniteGuard:
+    """Mixin for a transformers.Trainer: stops the stage with NonFiniteError (naming `stage` and the step) at the
+    first non-finite loss (checked every step, before the Trainer's NaN filter would hide it), gradient norm (at
+    every logging step) or weight (before every checkpoint, and in _finish before the model is committed), so no
+    checkpoint and no model folder ever holds one."""
+
+    stage = "train"
+
+    def _nonfinite(self, what: str, value, step: int | None = None) -> NonFiniteError:
+        step = self.state.global_step if step is None else step
+        total = f" of {self.state.max_steps}" if self.state.max_steps > 0 else ""
+        return NonFiniteError(f"{self.stage}: non-finite {what} ({value}) at step {step}{total}; stopped before "
+                              "saving anything from this step (lower the learning rate, check the data)")
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        if not bool(torch.isfinite(loss).all()):  # the Trainer syncs on this value every step anyway
+            raise self._nonfinite("loss", float(loss.float().mean()), self.state.global_step + 1)
+        return loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        for k in ("loss", "grad_norm"):
+            v = logs.get(k)
+            if isinstance(v, (int, float)) and not math.isfinite(v):
+                raise self._nonfinite(k.replace("_", " "), v)
+        super().log(logs, *args, **kwargs)
+
+    def check_weights(self) -> None:
+        bad = nonfinite_parameters(self.model)
+        if bad:
+            raise self._nonfinite("weights", ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else ""))
+
+    def _save_checkpoint(self, model, trial):
+        self.check_weights()
+        super()._save_checkpoint(model, trial)
+
+
+class SFTTrainer(FiniteGuard, Trainer):
+    """transformers.Trainer (causal-LM loss) with the non-finite guards."""
+
+
+class PreferenceTrainer(FiniteGuard, Trainer):
     """transformers.Trainer with a DPO-family loss from hidden states (spa_kernels).
 
     loss_type: "sigmoid" (DPO), "spa" (self-refined; needs `detector`, optional `lam` for DND), "dlma" (margin from
@@ -175,6 +232,7 @@ class PreferenceTrainer(Trainer):
     def _save_checkpoint(self, model, trial):
         # The detector's window is written before the Trainer's files; a checkpoint counts as complete only once
         # trainer_state.json (written last by the Trainer) exists, so the two cannot disagree.
+        self.check_weights()  # before any file of the checkpoint
         if self.detector is not None:
             folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
             os.makedirs(folder, exist_ok=True)
@@ -232,6 +290,7 @@ def _training_args(out_dir: str, cfg, *, batch_size: int, per_device: int | None
 
 
 def _finish(trainer, tok, final: str, partial: str, metrics: dict, metrics_path: str, log_path: str) -> str:
+    trainer.check_weights()  # nothing non-finite is ever committed
     tmp = atomic_dir(final)
     trainer.save_model(tmp)
     tok.save_pretrained(tmp)
@@ -316,6 +375,7 @@ def run_train(cfg, iteration: int) -> str:
                                 refine_alpha=cfg.refine.alpha, refine_warmup=cfg.refine.warmup_ratio,
                                 dlma_gamma=t.dlma_gamma, kernel_impl=t.kernel_impl,
                                 callbacks=[CrashPointCallback("train")])
+    trainer.stage = f"{name}/train"
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=last_checkpoint(partial))
     seconds = time.perf_counter() - t0
@@ -384,8 +444,9 @@ def run_sft(cfg) -> str:
     args = _training_args(partial, cfg, batch_size=s.batch_size, per_device=None, lr=s.learning_rate,
                           epochs=s.epochs, scheduler=s.lr_scheduler_type, warmup=s.warmup_ratio,
                           weight_decay=s.weight_decay, max_steps=s.max_steps)
-    trainer = Trainer(model=model, args=args, train_dataset=ListDataset(feats), data_collator=SFTCollator(
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ListDataset(feats), data_collator=SFTCollator(
         tok.pad_token_id), processing_class=tok, callbacks=[CrashPointCallback("sft")])
+    trainer.stage = "sft"
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=last_checkpoint(partial))
     metrics = {**stats.as_metrics("data/sft"), **enc.metrics(), "sft/examples": len(feats),

@@ -97,3 +97,134 @@ def test_utf8_with_a_byte_order_mark(tmp_path):
     bad.write_bytes(b'[{"prompt": "a"},\n {"prompt": "\xc3"}]')
     with pytest.raises(DataError, match=r"p\.json:2: not valid UTF-8"):
         load_prompts(str(bad), "train")
+
+
+# --- 2b. non-finite training values stop the stage; nothing non-finite is committed ---------------------------
+
+def _all_finite(folder: str) -> bool:
+    from safetensors.torch import load_file
+    import torch
+
+    return all(bool(torch.isfinite(t).all()) for t in load_file(os.path.join(folder, "model.safetensors")).values())
+
+
+def test_exploding_seed_dpo_stops_without_committing(run_with_sft, tmp_path, capsys):
+    from spa.train import NonFiniteError, run_train
+
+    cfg = run_with_sft.replace(**{"train.learning_rate": 1e30})  # one Adam step of 1e30 overflows the next forward
+    lay = Layout(cfg.output_dir)
+    with pytest.raises(NonFiniteError, match=r"^iter_0/train: non-finite (loss|grad norm|weights) \(.*\) at step "
+                                             r"\d of 4"):
+        run_train(cfg, 0)
+    assert not os.path.exists(lay.model(0)) and not os.path.exists(lay.model(0) + ".tmp")
+    assert not os.path.exists(lay.stage_metrics("iter_0", "train"))
+    partial = lay.partial("iter_0", "train")
+    checkpoints = [d for d in os.listdir(partial) if d.startswith("checkpoint-")] if os.path.isdir(partial) else []
+    assert all(_all_finite(os.path.join(partial, d)) for d in checkpoints)  # no NaN checkpoint to resume from
+    # the CLI says it in one line
+    path = _write_config(tmp_path, cfg)
+    assert main(["train", path, "--iteration", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "spa: error: iter_0/train: non-finite" in err  # (after the progress bars' carriage returns)
+    assert "Traceback" not in err
+
+
+def test_nan_loss_names_the_step(run_with_sft, monkeypatch):
+    from spa.train import NonFiniteError, PreferenceTrainer, run_train
+
+    compute_loss = PreferenceTrainer.compute_loss
+
+    def nan_at_step_3(self, model, inputs, *args, **kwargs):
+        loss = compute_loss(self, model, inputs, *args, **kwargs)
+        return loss * float("nan") if self.state.global_step == 2 else loss
+
+    monkeypatch.setattr(PreferenceTrainer, "compute_loss", nan_at_step_3)
+    with pytest.raises(NonFiniteError, match=r"^iter_0/train: non-finite loss \(nan\) at step 3 of 4"):
+        run_train(run_with_sft, 0)
+    assert not os.path.exists(Layout(run_with_sft.output_dir).model(0))
+
+
+def test_exploding_sft_stops_without_committing(tiny_cfg):
+    from spa.train import NonFiniteError, run_sft
+
+    cfg = tiny_cfg.replace(**{"sft.learning_rate": 1e30})
+    with pytest.raises(NonFiniteError, match=r"^sft: non-finite .* at step \d of 4"):
+        run_sft(cfg)
+    assert not os.path.exists(Layout(cfg.output_dir).sft_model)
+
+
+def test_non_finite_weights_are_never_committed(run_with_sft, monkeypatch):
+    """Weights that turn NaN without a non-finite loss (here: after the last step) are caught before the commit."""
+    import torch
+
+    from spa.train import NonFiniteError, PreferenceTrainer, run_train
+
+    train = PreferenceTrainer.train
+
+    def poison_after_training(self, *args, **kwargs):
+        out = train(self, *args, **kwargs)
+        with torch.no_grad():
+            next(self.model.parameters()).view(-1)[0] = float("inf")
+        return out
+
+    monkeypatch.setattr(PreferenceTrainer, "train", poison_after_training)
+    with pytest.raises(NonFiniteError, match=r"^iter_0/train: non-finite weights \(model\.embed_tokens\.weight\) "
+                                             r"at step 4 of 4"):
+        run_train(run_with_sft, 0)
+    assert not os.path.exists(Layout(run_with_sft.output_dir).model(0))
+
+
+# --- 4. a damaged newest checkpoint -------------------------------------------------------------------------
+
+def test_damaged_newest_checkpoint_is_skipped(run_with_sft, monkeypatch, caplog):
+    """An interrupted seed DPO leaves checkpoint-2 and checkpoint-4; checkpoint-4's trainer_state.json is then
+    emptied (as a crash while writing it leaves it): the rerun warns and resumes from checkpoint-2."""
+    import spa.train
+    from spa.train import run_train
+
+    saves = []
+
+    def interrupt_at_second_save(unit):
+        saves.append(unit)
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(spa.train, "crash_point", interrupt_at_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(run_with_sft, 0)
+    monkeypatch.undo()
+    lay = Layout(run_with_sft.output_dir)
+    partial = lay.partial("iter_0", "train")
+    assert sorted(os.listdir(partial)) >= ["checkpoint-2", "checkpoint-4"]
+    open(os.path.join(partial, "checkpoint-4", "trainer_state.json"), "w").close()
+    with caplog.at_level("WARNING", logger="spa"):
+        run_train(run_with_sft, 0)
+    assert os.path.isdir(lay.model(0))
+    assert any("checkpoint-4" in r.message and "trainer_state.json" in r.message for r in caplog.records)
+
+
+def test_last_checkpoint_choice(tmp_path, caplog):
+    from spa.train import last_checkpoint
+
+    def checkpoint(step, state='{"global_step": 1}', weights=True):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        if state is not None:
+            (d / "trainer_state.json").write_text(state)
+        if weights:
+            (d / "model.safetensors").write_bytes(b"x")
+        return str(d)
+
+    assert last_checkpoint(str(tmp_path)) is None
+    good = checkpoint(2)
+    checkpoint(10)
+    checkpoint(4, state=None)  # being written when the run stopped: skipped silently
+    checkpoint(6, weights=False)
+    checkpoint(8, state='{"global_st')
+    (tmp_path / "checkpoint-10" / "trainer_state.json").write_text("[]")
+    (tmp_path / "checkpoint-12.tmp").mkdir()
+    with caplog.at_level("WARNING", logger="spa"):
+        assert last_checkpoint(str(tmp_path)) == good
+    text = " ".join(r.message for r in caplog.records)
+    assert "checkpoint-10" in text and "checkpoint-8" in text and "checkpoint-6" in text and "model weights" in text
+    assert "checkpoint-4" not in text
