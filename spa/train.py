@@ -258,11 +258,40 @@ class CrashPointCallback(TrainerCallback):
         crash_point(self.unit)
 
 
+# Model weights as Trainer.save_model writes them (full, sharded, PEFT adapter), or DeepSpeed / FSDP state folders.
+_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+            "adapter_model.safetensors", "adapter_model.bin", "global_step*", "pytorch_model_fsdp_*")
+
+
+def _checkpoint_problem(folder: str) -> str | None:
+    """Why a checkpoint whose trainer_state.json exists cannot be resumed from, or None."""
+    try:
+        with open(os.path.join(folder, "trainer_state.json"), encoding="utf-8") as f:
+            state = json.load(f)
+        if not isinstance(state, dict) or "global_step" not in state:
+            raise ValueError("no global_step in it")
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return f"its trainer_state.json does not parse ({e})"
+    if not any(glob.glob(os.path.join(folder, w)) for w in _WEIGHTS):
+        return "its model weights are missing"
+    return None
+
+
 def last_checkpoint(folder: str) -> str | None:
-    """The newest complete Trainer checkpoint in folder (trainer_state.json is written last)."""
-    done = [d for d in glob.glob(os.path.join(folder, "checkpoint-*"))
-            if os.path.exists(os.path.join(d, "trainer_state.json"))]
-    return max(done, key=lambda d: int(d.rsplit("-", 1)[1])) if done else None
+    """The newest complete Trainer checkpoint in folder. trainer_state.json is written last, so a checkpoint without
+    it was being written when the run stopped and is skipped silently; one whose trainer_state.json does not parse
+    or whose model weights are missing is skipped with a warning naming it, in favour of the previous one."""
+    steps = []
+    for d in glob.glob(os.path.join(folder, "checkpoint-*")):
+        m = re.fullmatch(r"checkpoint-(\d+)", os.path.basename(d))
+        if m and os.path.isdir(d) and os.path.exists(os.path.join(d, "trainer_state.json")):
+            steps.append((int(m.group(1)), d))
+    for _, d in sorted(steps, reverse=True):
+        problem = _checkpoint_problem(d)
+        if problem is None:
+            return d
+        logger.warning("skipping checkpoint %s: %s; resuming from an earlier one", d, problem)
+    return None
 
 
 def _training_args(out_dir: str, cfg, *, batch_size: int, per_device: int | None, lr: float, epochs: float,
