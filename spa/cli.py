@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s spa %(levelname)s %(message)s", datefmt="%H:%M:%S")
     from . import loop  # heavy imports (torch, transformers) after argument parsing
+    from .io import OutputDirLocked, output_dir_lock
+    from .preflight import preflight
     from .train import NonFiniteError
 
     try:
@@ -76,10 +78,13 @@ def main(argv: list[str] | None = None) -> int:
             name = "sft/eval" if args.sft else f"iter_{args.iteration}/eval"
         else:
             name = f"iter_{args.iteration}/{args.command}"
-        loop.check_config(cfg)
-        loop.run_stage(cfg, loop.stage_by_name(cfg, name))
+        stage = loop.stage_by_name(cfg, name)
+        preflight(cfg, [name])
+        with output_dir_lock(cfg.output_dir):
+            loop.check_config(cfg)
+            loop.run_stage(cfg, stage)
         return 0
-    except (ConfigError, DataError, loop.ConfigMismatch) as e:
+    except (ConfigError, DataError, loop.ConfigMismatch, OutputDirLocked) as e:
         print(f"spa: error: {e}", file=sys.stderr)
         return 2
     except NonFiniteError as e:  # the stage stopped; nothing non-finite was saved

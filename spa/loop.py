@@ -10,6 +10,7 @@ the stages' own metrics, and the evaluation of every model.
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 import os
 import time
@@ -21,8 +22,9 @@ import yaml
 from .config import Config, ConfigError, diff
 from .eval import eval_name, format_table, results_table, run_eval
 from .generate import run_generate
-from .io import Layout, atomic_write_json, atomic_write_text, read_json
+from .io import Layout, atomic_write_json, atomic_write_text, output_dir_lock, read_json
 from .judges import run_judge
+from .preflight import preflight
 from .train import run_sft, run_train
 
 logger = logging.getLogger("spa")
@@ -112,12 +114,23 @@ def run_stage(cfg: Config, stage: Stage) -> bool:
     return True
 
 
+def _checked_and_locked(fn):
+    """Before `run` starts anything: the --until name and preflight (data files, imports, kernel implementation,
+    TrainingArguments fields); then output_dir's lock is held for the whole run (a second process fails at once)."""
+    @functools.wraps(fn)
+    def wrapper(cfg: Config, until: str | None = None) -> dict:
+        check_until(plan(cfg), until)
+        preflight(cfg)
+        with output_dir_lock(cfg.output_dir):
+            return fn(cfg, until)
+    return wrapper
+
+
+@_checked_and_locked
 def run(cfg: Config, until: str | None = None) -> dict:
     """The whole loop (resumable); returns metrics.json's content. `until`: stop after the stage of that name."""
-    stages = plan(cfg)
-    check_until(stages, until)
     check_config(cfg)
-    for stage in stages:
+    for stage in plan(cfg):
         run_stage(cfg, stage)
         if stage.name == until:
             break

@@ -228,3 +228,114 @@ def test_last_checkpoint_choice(tmp_path, caplog):
     text = " ".join(r.message for r in caplog.records)
     assert "checkpoint-10" in text and "checkpoint-8" in text and "checkpoint-6" in text and "model weights" in text
     assert "checkpoint-4" not in text
+
+
+# --- 3. one process per output directory --------------------------------------------------------------------
+
+HOLD_LOCK = """
+import sys, time
+from spa.io import output_dir_lock
+with output_dir_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_second_process_on_one_output_dir_fails_at_once(tiny_cfg, tmp_path, capsys, monkeypatch):
+    import socket
+    import subprocess
+    import sys
+
+    import spa.loop
+    from spa.io import OutputDirLocked, output_dir_lock
+
+    ran = []
+    monkeypatch.setattr(spa.loop, "run_stage", lambda cfg, stage: ran.append(stage.name))
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, tiny_cfg.output_dir], env=env,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        path = _write_config(tmp_path, tiny_cfg)
+        for argv in (["run", path], ["sft", path], ["train", path, "--iteration", "0"]):
+            assert main(argv) == 2
+            err = capsys.readouterr().err
+            assert f"spa: error: {tiny_cfg.output_dir} is in use by another spa process (pid {holder.pid} on host " \
+                   f"{socket.gethostname()}" in err
+        with pytest.raises(OutputDirLocked, match=rf"pid {holder.pid}"):
+            spa.loop.run(tiny_cfg)
+        assert ran == [] and not os.path.exists(Layout(tiny_cfg.output_dir).config)
+    finally:
+        holder.kill()
+        holder.wait()
+    # the kernel released the killed holder's lock: the next process gets it (and may nest it)
+    with output_dir_lock(tiny_cfg.output_dir):
+        with output_dir_lock(tiny_cfg.output_dir):
+            with open(os.path.join(tiny_cfg.output_dir, ".lock")) as f:
+                assert f.read() == f"pid {os.getpid()} on host {socket.gethostname()}\n"
+    spa.loop.run(tiny_cfg)
+    assert ran[:2] == ["sft", "sft/eval"]
+
+
+# --- 6. everything checked before any compute ---------------------------------------------------------------
+
+@pytest.mark.parametrize("override, match", [
+    ("train.kernel_impl=cuda", r"train\.kernel_impl 'cuda' cannot run here: .*; usable here: auto, "),
+    ("train.kernel_impl=cpp", r"train\.kernel_impl must be 'auto' or one of \['torch', 'cpu', 'triton', 'cuda'\], "
+                              r"got 'cpp' \(did you mean 'cpu'\?\)"),
+    ("train.trainer_args={max_grad_nrom: 1.0}", r"train\.trainer_args: 'max_grad_nrom' is not a transformers\."
+                                                r"TrainingArguments field \(did you mean 'max_grad_norm'\?\)"),
+    ("eval.oracle=no_such_module_xyz:score", r"eval\.oracle 'no_such_module_xyz:score': cannot import"),
+    ("eval.oracle=spa.tasks.reverse:nope", r"eval\.oracle 'spa\.tasks\.reverse:nope': spa\.tasks\.reverse has no "
+                                           r"callable 'nope'"),
+    ("judge.function=spa.tasks.reverse:nope", r"judge\.function 'spa\.tasks\.reverse:nope'"),
+    ("data.seed=/nonexistent/prefs.jsonl", r"data\.seed: /nonexistent/prefs\.jsonl does not exist"),
+    ("eval.pairs=missing_pairs.jsonl", r"eval\.pairs: missing_pairs\.jsonl does not exist"),
+    ("sft.data=./missing_folder", r"sft\.data: \./missing_folder does not exist"),
+    ("data.seed=null", r"data\.seed is not set"),
+    ("train.lr_scheduler_type=cosin", r"train\.lr_scheduler_type must be a transformers scheduler name \(did you "
+                                      r"mean 'cosine'\?\)"),
+    ("sft.lr_scheduler_type=nope", r"sft\.lr_scheduler_type must be a transformers scheduler name"),
+    ("train.report_to=[tensorbord]", r"train\.report_to: 'tensorbord' is not a transformers integration"),
+    ("model.device=cuda:0", r"model\.device is 'cuda:0' but no CUDA device is visible"),
+    ("model.device=gpu", r"model\.device 'gpu' is not a device"),
+])
+def test_preflight_refuses_before_any_compute(tiny_cfg, tmp_path, capsys, monkeypatch, override, match):
+    import torch
+
+    import spa.loop
+
+    if "cuda" in override and torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    ran = []
+    monkeypatch.setattr(spa.loop, "run_stage", lambda cfg, stage: ran.append(stage.name))
+    monkeypatch.delenv("SPA_KERNELS_IMPL", raising=False)
+    monkeypatch.chdir(tmp_path)
+    cfg = Config.from_dict(tiny_cfg.to_dict(), [override])
+    with pytest.raises(ConfigError, match=match):
+        spa.loop.run(cfg)
+    path = _write_config(tmp_path, cfg)
+    commands = [["run", path], ["train", path, "--iteration", "0"]]
+    if override != "data.seed=null":  # evaluating pi_init does not need the seed
+        commands.append(["eval", path, "--sft"])
+    for argv in commands:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("spa: error: ") and err.count("\n") == 1, err
+    assert ran == [] and not os.path.exists(cfg.output_dir)
+
+
+def test_preflight_accepts_the_tiny_config_and_checks_spa_kernels_impl(tiny_cfg, monkeypatch):
+    from spa.preflight import preflight
+
+    preflight(tiny_cfg)
+    preflight(tiny_cfg.replace(**{"train.kernel_impl": "torch", "train.trainer_args": {"max_grad_norm": 0.5}}))
+    monkeypatch.setenv("SPA_KERNELS_IMPL", "cuda")
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"SPA_KERNELS_IMPL \(which replaces train\.kernel_impl=auto\) 'cuda'"):
+            preflight(tiny_cfg)
+    cfg = tiny_cfg.replace(**{"sft.enabled": False})  # pi_init must then be named
+    with pytest.raises(ConfigError, match=r"model\.name_or_path is not set"):
+        preflight(cfg)
