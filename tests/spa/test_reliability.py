@@ -339,3 +339,37 @@ def test_preflight_accepts_the_tiny_config_and_checks_spa_kernels_impl(tiny_cfg,
     cfg = tiny_cfg.replace(**{"sft.enabled": False})  # pi_init must then be named
     with pytest.raises(ConfigError, match=r"model\.name_or_path is not set"):
         preflight(cfg)
+
+
+# --- 7. an oracle module in the current directory -----------------------------------------------------------
+
+CONSOLE_SCRIPT = """
+import sys
+from spa.cli import main
+sys.exit(main())
+"""
+
+
+def test_console_script_finds_an_oracle_module_in_the_working_directory(sft_run, task, tmp_path):
+    """The `spa` console script's sys.path holds the script's folder, not the working directory (unlike python -m):
+    eval.oracle: my_oracle:score with my_oracle.py in the working directory must still import."""
+    import shutil
+    import subprocess
+    import sys
+
+    work, bin_dir = tmp_path / "work", tmp_path / "bin"
+    work.mkdir()
+    bin_dir.mkdir()
+    (bin_dir / "spa_script.py").write_text(CONSOLE_SCRIPT)
+    (work / "my_oracle.py").write_text("def score(prompt, response):\n    return float(len(response))\n")
+    settings = tiny_settings(task, str(work / "run"))
+    settings["eval"].update(oracle="my_oracle:score", pairs=None, max_prompts=4)
+    cfg = Config.from_dict(settings)
+    shutil.copytree(os.path.join(sft_run, "sft"), os.path.join(cfg.output_dir, "sft"))
+    (work / "c.yaml").write_text(cfg.to_yaml())
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(bin_dir / "spa_script.py"), "eval", "c.yaml", "--sft"], cwd=work,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in open(Layout(cfg.output_dir).eval_samples("sft"))]
+    assert len(rows) == 4 and all(r["oracle"] == [float(len(r["responses"][0]))] for r in rows)  # my_oracle's
