@@ -373,3 +373,56 @@ def test_console_script_finds_an_oracle_module_in_the_working_directory(sft_run,
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in open(Layout(cfg.output_dir).eval_samples("sft"))]
     assert len(rows) == 4 and all(r["oracle"] == [float(len(r["responses"][0]))] for r in rows)  # my_oracle's
+
+
+# --- 8. thread count --------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def restore_threads():
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_thread_count_default_and_pinning(monkeypatch, restore_threads):
+    import torch
+
+    import spa.cli
+    from spa.cli import set_threads
+
+    monkeypatch.delenv("SPA_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(spa.cli, "available_cpus", lambda: 3)
+    torch.set_num_threads(8)  # torch counts the host's cores; a container may have fewer CPUs
+    assert set_threads() == 3 and torch.get_num_threads() == 3
+    torch.set_num_threads(2)
+    assert set_threads() == 2  # never more than torch's own default
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    torch.set_num_threads(5)  # as torch reads OMP_NUM_THREADS at start
+    assert set_threads() == 5  # the user's setting wins
+    monkeypatch.setenv("SPA_NUM_THREADS", "1")
+    assert set_threads() == 1 and torch.get_num_threads() == 1
+    monkeypatch.setenv("SPA_NUM_THREADS", "two")
+    with pytest.raises(ConfigError, match="SPA_NUM_THREADS must be a positive integer, got 'two'"):
+        set_threads()
+
+
+def test_available_cpus_reads_the_cgroup_quota(tmp_path, monkeypatch):
+    import spa.cli
+    from spa.cli import _cgroup_cpu_limit, available_cpus
+
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert _cgroup_cpu_limit(str(tmp_path)) == 1.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert _cgroup_cpu_limit(str(tmp_path)) is None
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert _cgroup_cpu_limit(str(v1)) == 2.0
+    monkeypatch.setattr(spa.cli, "_cgroup_cpu_limit", lambda: 0.5)
+    assert available_cpus() == 1
+    monkeypatch.setattr(spa.cli, "_cgroup_cpu_limit", lambda: None)
+    assert available_cpus() == len(os.sched_getaffinity(0))
