@@ -36,11 +36,10 @@ def check_data_sources(cfg: Config, stages: list[str] | None = None) -> None:
     sources = {"data.seed": cfg.data.seed, "data.prompts": cfg.data.prompts, "eval.prompts": cfg.eval.prompts,
                "eval.pairs": cfg.eval.pairs, "sft.data": cfg.sft.data if cfg.sft.enabled or needs_sft else None}
     for key, source in sources.items():
-        if source and _local_looking(source):
-            path = os.path.expanduser(source)
-            if not os.path.exists(path):
+        if source and _local_looking(source):  # read as given, like the loaders do (no ~ expansion)
+            if not os.path.exists(source):
                 raise ConfigError(f"{key}: {source} does not exist")
-            if source.endswith((".jsonl", ".json")) and not os.path.isfile(path):
+            if source.endswith((".jsonl", ".json")) and not os.path.isfile(source):
                 raise ConfigError(f"{key}: {source} is not a file")
 
 
@@ -56,7 +55,7 @@ def check_model(cfg: Config, stages: list[str] | None = None):
     elif not m.name_or_path:
         raise ConfigError("model.name_or_path is not set (and sft.enabled is false): pi_init is needed")
     for key, path in (("model.name_or_path", m.name_or_path), ("model.tokenizer", m.tokenizer)):
-        if path and path.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(path)):
+        if path and path.startswith(("/", "./", "../", "~")) and not os.path.exists(path):
             raise ConfigError(f"{key}: {path} does not exist")
     import torch
 

@@ -4,7 +4,6 @@ values, a damaged checkpoint, undecodable data, two processes on one output_dir,
 starts."""
 
 import json
-import math
 import os
 
 import pytest
@@ -45,7 +44,8 @@ def test_until_unknown_stage_fails_before_any_compute(tiny_cfg, tmp_path, capsys
 # --- 2a. non-finite numbers in the config ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("override, key", [
-    ("train.beta=inf", "train.beta"), ("train.beta=.inf", "train.beta"), ("train.learning_rate=nan", "train.learning_rate"),
+    ("train.beta=inf", "train.beta"), ("train.beta=.inf", "train.beta"),
+    ("train.learning_rate=nan", "train.learning_rate"),
     ("judge.beta=-inf", "judge.beta"), ("refine.lam=[0.5, .nan]", r"refine.lam\[1\]"),
     ("data.iteration_prompts=[inf]", r"data.iteration_prompts\[0\]"), ("generate.top_p=NaN", "generate.top_p"),
     ("eval.temperature=inf", "eval.temperature"), ("judge.length_penalty=inf", "judge.length_penalty"),
@@ -102,8 +102,8 @@ def test_utf8_with_a_byte_order_mark(tmp_path):
 # --- 2b. non-finite training values stop the stage; nothing non-finite is committed ---------------------------
 
 def _all_finite(folder: str) -> bool:
-    from safetensors.torch import load_file
     import torch
+    from safetensors.torch import load_file
 
     return all(bool(torch.isfinite(t).all()) for t in load_file(os.path.join(folder, "model.safetensors")).values())
 
