@@ -12,11 +12,72 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
 import sys
 
 from .config import Config, ConfigError
 from .data import DataError
 from .tasks import TASK_NAMES
+
+THREADS_ENV = "SPA_NUM_THREADS"
+logger = logging.getLogger("spa")
+
+
+def _cgroup_cpu_limit(root: str = "/sys/fs/cgroup") -> float | None:
+    """The CPU quota of this process's cgroup in CPUs (docker --cpus, Kubernetes limits), or None when unlimited."""
+    try:
+        with open(os.path.join(root, "cpu.max")) as f:  # cgroup v2: "<quota> <period>" or "max <period>"
+            quota, period = f.read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    for sub in ("cpu", "cpu,cpuacct"):  # cgroup v1
+        try:
+            with open(os.path.join(root, sub, "cpu.cfs_quota_us")) as f:
+                quota = int(f.read())
+            with open(os.path.join(root, sub, "cpu.cfs_period_us")) as f:
+                period = int(f.read())
+            return None if quota <= 0 else quota / period
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask (taskset, cpusets), capped by its cgroup's CPU quota."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    limit = _cgroup_cpu_limit()
+    return max(1, min(n, math.ceil(limit))) if limit else n
+
+
+def set_threads() -> int:
+    """torch's intra-op threads: SPA_NUM_THREADS if set, else what OMP_NUM_THREADS says if set, else torch's default
+    capped by available_cpus() (torch counts the machine's cores, not a container's CPU quota); one inter-op
+    thread. The count depends only on the machine and the environment, never on its current load, so a rerun gets
+    the same numbers; results differ between thread counts, so pin one to compare runs across machines."""
+    import torch
+
+    pinned = os.environ.get(THREADS_ENV, "").strip()
+    if pinned:
+        if not pinned.isdigit() or int(pinned) < 1:
+            raise ConfigError(f"{THREADS_ENV} must be a positive integer, got {pinned!r}")
+        torch.set_num_threads(int(pinned))
+    elif not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(min(torch.get_num_threads(), available_cpus()))
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # the inter-op pool has already started (spa used as a library): leave it
+        pass
+    n = torch.get_num_threads()
+    load, cpus = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0, available_cpus()
+    logger.info("%d CPU thread(s) (%s)", n, f"{THREADS_ENV}" if pinned else "OMP_NUM_THREADS"
+                if os.environ.get("OMP_NUM_THREADS") else f"default: {cpus} CPUs available; {THREADS_ENV} pins it")
+    if n > 1 and not pinned and load >= cpus:
+        logger.warning("the machine is busy (load %.1f on %d CPUs): %d threads per process then wait on each other; "
+                       "%s=1 is usually much faster on a busy machine (results depend on the thread count)",
+                       load, cpus, n, THREADS_ENV)
+    return n
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,8 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s spa %(levelname)s %(message)s", datefmt="%H:%M:%S")
     from . import loop  # heavy imports (torch, transformers) after argument parsing
+    from .io import OutputDirLocked, output_dir_lock
+    from .preflight import preflight
+    from .train import NonFiniteError
 
     try:
+        if args.command != "config":
+            set_threads()
         if args.command == "demo":
             from .tasks.demo import run_demo
 
@@ -78,12 +144,18 @@ def main(argv: list[str] | None = None) -> int:
             name = "sft/eval" if args.sft else f"iter_{args.iteration}/eval"
         else:
             name = f"iter_{args.iteration}/{args.command}"
-        loop.check_config(cfg)
-        loop.run_stage(cfg, loop.stage_by_name(cfg, name))
+        stage = loop.stage_by_name(cfg, name)
+        preflight(cfg, [name])
+        with output_dir_lock(cfg.output_dir):
+            loop.check_config(cfg)
+            loop.run_stage(cfg, stage)
         return 0
-    except (ConfigError, DataError, loop.ConfigMismatch) as e:
+    except (ConfigError, DataError, loop.ConfigMismatch, OutputDirLocked) as e:
         print(f"spa: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:  # the stage stopped; nothing non-finite was saved
+        print(f"spa: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # finished stages and shards are kept (atomic writes)
         print("spa: interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
         return 130

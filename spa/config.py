@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -236,7 +237,7 @@ class Config:
     @classmethod
     def load(cls, path: str, overrides: list[str] | None = None) -> Config:
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 data = yaml.safe_load(f)
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
@@ -365,14 +366,19 @@ def _coerce(value, tp, key: str, where: str):
             return int(value)
         raise bad()
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 5e-7 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 5e-7 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise bad()
+        if number is None:
+            raise bad()
+        if not math.isfinite(number):  # inf / nan would reach the model as NaN weights
+            raise ConfigError(f"{key} must be a finite number{where}, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

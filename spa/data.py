@@ -47,29 +47,46 @@ class LoadStats:
         return {f"{prefix}/rows": self.rows, f"{prefix}/invalid_skipped": self.invalid}
 
 
+def _utf8_error(e: UnicodeDecodeError, column: int | None = None) -> str:
+    return f"not valid UTF-8 (byte 0x{e.object[e.start]:02x} at column {column or e.start + 1})"
+
+
 def _read_source(source: str, split: str) -> list[tuple[str, object]]:
     """[(where, row)] where `where` names the row for error messages."""
     if source.endswith(".jsonl"):
         if not os.path.exists(source):
             raise DataError(f"{source} does not exist")
         out = []
-        with open(source) as f:
-            for n, line in enumerate(f, 1):
+        with open(source, "rb") as f:  # decoded line by line: a bad byte is that line's error, not the file's
+            for n, raw in enumerate(f, 1):
+                where = f"{source}:{n}"
+                try:
+                    line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    out.append((where, DataError(f"{where}: {_utf8_error(e)}")))
+                    continue
                 if not line.strip():
                     continue
                 try:
-                    out.append((f"{source}:{n}", json.loads(line)))
+                    out.append((where, json.loads(line)))
                 except json.JSONDecodeError as e:
-                    out.append((f"{source}:{n}", DataError(f"{source}:{n}: not valid JSON ({e.msg})")))
+                    out.append((where, DataError(f"{where}: not valid JSON ({e.msg})")))
         return out
     if source.endswith(".json"):
         if not os.path.exists(source):
             raise DataError(f"{source} does not exist")
-        with open(source) as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{source}:{e.lineno}: not valid JSON ({e.msg})") from None
+        with open(source, "rb") as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+            raise DataError(f"{source}:{line}: {_utf8_error(e, column)}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{source}:{e.lineno}: not valid JSON ({e.msg})") from None
         if not isinstance(data, list):
             raise DataError(f"{source}: expected a JSON list of objects, got {type(data).__name__}")
         return [(f"{source}[{i}]", row) for i, row in enumerate(data)]

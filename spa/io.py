@@ -7,12 +7,16 @@ rerun; a stage's final output appears only when the whole stage is done.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import random
 import shutil
 import signal
+import socket
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
@@ -36,6 +40,52 @@ def crash_point(unit: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+class OutputDirLocked(RuntimeError):
+    """Another process is running a stage (or the loop) on the same output directory."""
+
+
+LOCK_FILE = ".lock"
+_held_locks: dict[str, list] = {}  # lock path -> [fd, depth]: the lock is re-entrant within a process
+
+
+@contextlib.contextmanager
+def output_dir_lock(output_dir: str):
+    """Holds an exclusive lock on output_dir (fcntl.flock on output_dir/.lock) for the duration of the block, so two
+    processes never write one run at once. The holder writes its PID and host into the lock file; a second process
+    fails at once with OutputDirLocked naming them. The kernel releases the lock when the holder exits, however it
+    exits (SIGKILL included), so a stale lock file never blocks a rerun. Nested use in one process is allowed."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.realpath(os.path.join(output_dir, LOCK_FILE))
+    if path in _held_locks:
+        _held_locks[path][1] += 1
+        try:
+            yield
+        finally:
+            _held_locks[path][1] -= 1
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES):
+            os.close(fd)
+            raise
+        holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "a process that has not written its PID yet"
+        os.close(fd)
+        raise OutputDirLocked(f"{output_dir} is in use by another spa process ({holder}; lock file {path}); wait for "
+                              "it to finish or stop it (the lock goes with the process)") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
+        _held_locks[path] = [fd, 1]
+        yield
+    finally:
+        _held_locks.pop(path, None)
+        os.ftruncate(fd, 0)  # before unlocking: a waiting process never reads a stale PID
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
 def _tmp(path: str) -> str:
     return f"{path}.tmp{os.getpid()}"
 
@@ -43,7 +93,7 @@ def _tmp(path: str) -> str:
 def atomic_write_text(path: str, text: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = _tmp(path)
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -59,12 +109,12 @@ def atomic_write_jsonl(path: str, rows: Iterable[dict]) -> None:
 
 
 def read_json(path: str):
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 
 def read_jsonl(path: str) -> list[dict]:
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 

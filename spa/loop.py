@@ -13,6 +13,7 @@ improvement; output_dir/selected.json and metrics.json["selected"] say which mod
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import time
@@ -24,8 +25,9 @@ import yaml
 from .config import Config, ConfigError, diff
 from .eval import eval_name, format_table, results_table, run_eval
 from .generate import run_generate
-from .io import Layout, atomic_write_json, atomic_write_text, read_json
+from .io import Layout, atomic_write_json, atomic_write_text, output_dir_lock, read_json
 from .judges import run_judge
+from .preflight import preflight
 from .train import run_sft, run_train
 from .validation import Selection, run_validate, select_iteration
 
@@ -131,9 +133,20 @@ def run_stage(cfg: Config, stage: Stage) -> bool:
 
 def run(cfg: Config, until: str | None = None) -> dict:
     """The whole loop (resumable); returns metrics.json's content, whose "selected" entry names the model the run
-    returns and why. `until`: stop after the stage of that name."""
-    check_config(cfg)
+    returns and why. `until`: stop after the stage of that name.
+
+    Before anything runs: the --until name and preflight (data files, imports, kernel implementation,
+    TrainingArguments fields) are checked; then output_dir's lock is held for the whole run (a second process on
+    the same output_dir fails at once)."""
     stages = plan(cfg)
+    check_until(stages, until)
+    preflight(cfg)
+    with output_dir_lock(cfg.output_dir):
+        return _run_locked(cfg, stages, until)
+
+
+def _run_locked(cfg: Config, stages: list[Stage], until: str | None) -> dict:
+    check_config(cfg)
     last_of = {s.iteration: s.name for s in stages if s.iteration is not None}  # an iteration's final stage
     selection = None
     for stage in stages:
@@ -165,6 +178,15 @@ def record_selection(cfg: Config, selection: Selection) -> None:
     metrics["selected"] = selection.to_dict()
     atomic_write_json(lay.metrics, metrics)
     logger.info("selected: %s", selection.reason)
+
+
+def check_until(stages: list[Stage], until: str | None) -> None:
+    """ConfigError unless `until` is None or the name of a stage in the plan."""
+    names = [s.name for s in stages]
+    if until is not None and until not in names:
+        close = difflib.get_close_matches(until, names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"--until {until!r} is not a stage of this config's plan{hint}; stages: {', '.join(names)}")
 
 
 def stage_by_name(cfg: Config, name: str) -> Stage:

@@ -22,7 +22,9 @@ import dataclasses
 import glob
 import json
 import logging
+import math
 import os
+import re
 import time
 from collections import defaultdict
 
@@ -105,7 +107,62 @@ class PairCollator:
         return batch
 
 
-class PreferenceTrainer(Trainer):
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss, gradient norm or weight; the stage stopped and saved nothing from there."""
+
+
+def nonfinite_parameters(model) -> list[str]:
+    """Names of the parameters holding an inf or a NaN (one device sync for all of them)."""
+    params = [(n, p) for n, p in model.named_parameters() if p.numel()]
+    if not params:
+        return []
+    device = params[0][1].device
+    ok = torch.stack([torch.isfinite(p.detach()).all().to(device) for _, p in params]).cpu()
+    return [] if bool(ok.all()) else [n for (n, _), good in zip(params, ok.tolist()) if not good]
+
+
+class FiniteGuard:
+    """Mixin for a transformers.Trainer: stops the stage with NonFiniteError (naming `stage` and the step) at the
+    first non-finite loss (checked every step, before the Trainer's NaN filter would hide it), gradient norm (at
+    every logging step) or weight (before every checkpoint, and in _finish before the model is committed), so no
+    checkpoint and no model folder ever holds one."""
+
+    stage = "train"
+
+    def _nonfinite(self, what: str, value, step: int | None = None) -> NonFiniteError:
+        step = self.state.global_step if step is None else step
+        total = f" of {self.state.max_steps}" if self.state.max_steps > 0 else ""
+        return NonFiniteError(f"{self.stage}: non-finite {what} ({value}) at step {step}{total}; stopped before "
+                              "saving anything from this step (lower the learning rate, check the data)")
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        if not bool(torch.isfinite(loss).all()):  # the Trainer syncs on this value every step anyway
+            raise self._nonfinite("loss", float(loss.float().mean()), self.state.global_step + 1)
+        return loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        for k in ("loss", "grad_norm"):
+            v = logs.get(k)
+            if isinstance(v, (int, float)) and not math.isfinite(v):
+                raise self._nonfinite(k.replace("_", " "), v)
+        super().log(logs, *args, **kwargs)
+
+    def check_weights(self) -> None:
+        bad = nonfinite_parameters(self.model)
+        if bad:
+            raise self._nonfinite("weights", ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else ""))
+
+    def _save_checkpoint(self, model, trial):
+        self.check_weights()
+        super()._save_checkpoint(model, trial)
+
+
+class SFTTrainer(FiniteGuard, Trainer):
+    """transformers.Trainer (causal-LM loss) with the non-finite guards."""
+
+
+class PreferenceTrainer(FiniteGuard, Trainer):
     """transformers.Trainer with a DPO-family loss from hidden states (spa_kernels).
 
     loss_type: "sigmoid" (DPO), "spa" (self-refined; needs `detector`, optional `lam` for DND), "dlma" (margin from
@@ -175,6 +232,7 @@ class PreferenceTrainer(Trainer):
     def _save_checkpoint(self, model, trial):
         # The detector's window is written before the Trainer's files; a checkpoint counts as complete only once
         # trainer_state.json (written last by the Trainer) exists, so the two cannot disagree.
+        self.check_weights()  # before any file of the checkpoint
         if self.detector is not None:
             folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
             os.makedirs(folder, exist_ok=True)
@@ -200,11 +258,40 @@ class CrashPointCallback(TrainerCallback):
         crash_point(self.unit)
 
 
+# Model weights as Trainer.save_model writes them (full, sharded, PEFT adapter), or DeepSpeed / FSDP state folders.
+_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+            "adapter_model.safetensors", "adapter_model.bin", "global_step*", "pytorch_model_fsdp_*")
+
+
+def _checkpoint_problem(folder: str) -> str | None:
+    """Why a checkpoint whose trainer_state.json exists cannot be resumed from, or None."""
+    try:
+        with open(os.path.join(folder, "trainer_state.json"), encoding="utf-8") as f:
+            state = json.load(f)
+        if not isinstance(state, dict) or "global_step" not in state:
+            raise ValueError("no global_step in it")
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return f"its trainer_state.json does not parse ({e})"
+    if not any(glob.glob(os.path.join(folder, w)) for w in _WEIGHTS):
+        return "its model weights are missing"
+    return None
+
+
 def last_checkpoint(folder: str) -> str | None:
-    """The newest complete Trainer checkpoint in folder (trainer_state.json is written last)."""
-    done = [d for d in glob.glob(os.path.join(folder, "checkpoint-*"))
-            if os.path.exists(os.path.join(d, "trainer_state.json"))]
-    return max(done, key=lambda d: int(d.rsplit("-", 1)[1])) if done else None
+    """The newest complete Trainer checkpoint in folder. trainer_state.json is written last, so a checkpoint without
+    it was being written when the run stopped and is skipped silently; one whose trainer_state.json does not parse
+    or whose model weights are missing is skipped with a warning naming it, in favour of the previous one."""
+    steps = []
+    for d in glob.glob(os.path.join(folder, "checkpoint-*")):
+        m = re.fullmatch(r"checkpoint-(\d+)", os.path.basename(d))
+        if m and os.path.isdir(d) and os.path.exists(os.path.join(d, "trainer_state.json")):
+            steps.append((int(m.group(1)), d))
+    for _, d in sorted(steps, reverse=True):
+        problem = _checkpoint_problem(d)
+        if problem is None:
+            return d
+        logger.warning("skipping checkpoint %s: %s; resuming from an earlier one", d, problem)
+    return None
 
 
 def _training_args(out_dir: str, cfg, *, batch_size: int, per_device: int | None, lr: float, epochs: float,
@@ -232,6 +319,7 @@ def _training_args(out_dir: str, cfg, *, batch_size: int, per_device: int | None
 
 
 def _finish(trainer, tok, final: str, partial: str, metrics: dict, metrics_path: str, log_path: str) -> str:
+    trainer.check_weights()  # nothing non-finite is ever committed
     tmp = atomic_dir(final)
     trainer.save_model(tmp)
     tok.save_pretrained(tmp)
@@ -316,6 +404,7 @@ def run_train(cfg, iteration: int) -> str:
                                 refine_alpha=cfg.refine.alpha, refine_warmup=cfg.refine.warmup_ratio,
                                 dlma_gamma=t.dlma_gamma, kernel_impl=t.kernel_impl,
                                 callbacks=[CrashPointCallback("train")])
+    trainer.stage = f"{name}/train"
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=last_checkpoint(partial))
     seconds = time.perf_counter() - t0
@@ -384,8 +473,9 @@ def run_sft(cfg) -> str:
     args = _training_args(partial, cfg, batch_size=s.batch_size, per_device=None, lr=s.learning_rate,
                           epochs=s.epochs, scheduler=s.lr_scheduler_type, warmup=s.warmup_ratio,
                           weight_decay=s.weight_decay, max_steps=s.max_steps)
-    trainer = Trainer(model=model, args=args, train_dataset=ListDataset(feats), data_collator=SFTCollator(
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ListDataset(feats), data_collator=SFTCollator(
         tok.pad_token_id), processing_class=tok, callbacks=[CrashPointCallback("sft")])
+    trainer.stage = "sft"
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=last_checkpoint(partial))
     metrics = {**stats.as_metrics("data/sft"), **enc.metrics(), "sft/examples": len(feats),
