@@ -198,6 +198,22 @@ def check_positive_finite(value: float, name: str) -> float:
     return value
 
 
+# Temperatures whose reciprocal, or which themselves, leave float32's normal range: logits / temperature would
+# overflow to inf or lose every digit to subnormal flushing, so no backend could honour them.
+_F32 = torch.finfo(torch.float32)
+MIN_TEMPERATURE = float(_F32.tiny)
+MAX_TEMPERATURE = 1.0 / float(_F32.tiny)
+
+
+def check_temperature(value: float, name: str = "temperature") -> float:
+    """A positive finite temperature with 1/temperature a normal float32 (every backend scales by it in float32)."""
+    value = check_positive_finite(value, name)
+    if not MIN_TEMPERATURE <= value <= MAX_TEMPERATURE:
+        raise ValueError(f"{name} must lie in [{MIN_TEMPERATURE:.3g}, {MAX_TEMPERATURE:.3g}] (1/{name} must be a "
+                         f"normal float32 number), got {value}")
+    return value
+
+
 def check_finite(value: float, name: str) -> float:
     value = float(value)
     if not math.isfinite(value):

@@ -11,7 +11,7 @@ import torch
 from ... import _dispatch
 from ..._validation import (
     check_logits_and_labels,
-    check_positive_finite,
+    check_temperature,
     label_check,
     label_check_for,
     vocab_contiguous,
@@ -49,7 +49,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: 
                               temperature=temperature, impl=impl, inplace_backward=inplace_backward,
                               validate=validate).squeeze(0)
     labels = check_logits_and_labels(logits, labels)
-    temperature = check_positive_finite(temperature, "temperature")
+    temperature = check_temperature(temperature)
     name, _ = _dispatch.resolve("logprobs", impl, {"logits": logits, "labels": labels})
     if name == "torch":
         return reference.token_logprobs(logits, labels, ignore_index, temperature)

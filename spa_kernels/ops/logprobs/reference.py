@@ -19,7 +19,12 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     mask = labels != ignore_index
     picked = z.gather(-1, labels.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1)
     # logsumexp rather than log_softmax: nothing of size [N, T, V] is kept for backward except z itself.
-    return (picked - torch.logsumexp(z, dim=-1)).masked_fill(~mask, 0.0)
+    lse = torch.logsumexp(z, dim=-1)
+    # torch.log_softmax gives NaN for every entry of a row holding a +inf logit (and a NaN gradient row), where
+    # logsumexp gives +inf (a -inf log-prob for the other labels). Multiplying by a NaN constant on those rows gives
+    # log_softmax's forward and, through the NaN factor, its NaN gradient row.
+    lse = lse * torch.where(lse == float("inf"), float("nan"), 1.0).to(lse.dtype)
+    return (picked - lse).masked_fill(~mask, 0.0)
 
 
 def reduce_sequence(token: torch.Tensor, labels: torch.Tensor, ignore_index: int, average: bool) -> torch.Tensor:
