@@ -221,6 +221,33 @@ def check_finite(value: float, name: str) -> float:
     return value
 
 
+def may_overlap(t: torch.Tensor) -> bool:
+    """Whether two elements of `t` may share memory (a stride-0 / expanded dimension, or strides that interleave).
+    Conservative: False means they certainly do not."""
+    reach = 0  # the largest offset the smaller-stride dimensions reach
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride <= reach:
+            return True
+        reach += stride * (size - 1)
+    return False
+
+
+def use_inplace_backward(logits: torch.Tensor, inplace_backward: bool, name: str = "logits") -> bool:
+    """Whether the backward may write the gradient into `logits`' buffer (checked before any compute).
+
+    ValueError when `logits` is, or is a view of, a leaf tensor that requires grad: the user's own tensor would be
+    overwritten and its .grad would alias it. False (a regular gradient buffer, no error) when elements of `logits`
+    share memory (e.g. `logits.expand(...)`): rows written into the same memory would corrupt each other."""
+    if not inplace_backward or not logits.requires_grad:
+        return False
+    base = logits if logits._base is None else logits._base
+    if base.is_leaf:
+        raise ValueError(f"inplace_backward=True would write the gradient into {name}, which is (a view of) a leaf "
+                         f"tensor that requires grad: the tensor would be overwritten and its .grad would alias "
+                         f"it. Use inplace_backward=False, or pass logits computed by the model (e.g. its output)")
+    return not may_overlap(logits)
+
+
 def vocab_contiguous(t: torch.Tensor) -> torch.Tensor:
     """Kernels read rows with unit stride over the last dim; other strides are handled without a copy."""
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
