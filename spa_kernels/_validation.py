@@ -103,9 +103,15 @@ class _DeferredLabelChecks:
 
     def push(self, flag: torch.Tensor, labels: torch.Tensor, vocab: int, ignore_index: int, name: str) -> None:
         host = torch.empty(1, dtype=torch.int64, pin_memory=True)
-        host.copy_(flag, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
+        # The copy is queued on the current stream of the flag's device (where the kernel that wrote the flag ran);
+        # the event must be recorded on that same stream, whichever device is current for the caller, or it could
+        # complete before the copy and the host would read the pinned buffer before it is written.
+        with torch.cuda.device(flag.device):
+            stream = torch.cuda.current_stream(flag.device)
+            with torch.cuda.stream(stream):
+                host.copy_(flag, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(stream)
         with self._lock:
             self._pending.append((event, host, labels, vocab, ignore_index, name))
 
