@@ -59,7 +59,9 @@ def _cpu_flags():
         raise SystemExit(f"SPA_CPU_CAPABILITY must be one of {sorted(isa)}, got {cap!r}")
     # at::vec picks its implementation from CPU_CAPABILITY_<ISA>; ATen's parallel_for is OpenMP inline code.
     defines = [f"-DCPU_CAPABILITY={cap}"] + ([f"-DCPU_CAPABILITY_{cap}"] if cap != "DEFAULT" else [])
-    return cap, ["-O3", "-fopenmp"] + isa[cap] + defines
+    # -ffp-contract=off: the kernels round x * scale once and reuse it in forward and backward (logprobs_cpu.h); an
+    # FMA contracted in one place and not the other puts the product's rounding error into the gradient.
+    return cap, ["-O3", "-fopenmp", "-ffp-contract=off"] + isa[cap] + defines
 
 
 def _cuda_archs():

@@ -60,12 +60,19 @@ struct VecIO<c10::BFloat16> : VecIOReduced<c10::BFloat16> {};
 template <>
 struct VecIO<c10::Half> : VecIOReduced<c10::Half> {};
 
+// max(a, b) that propagates NaN from either side (as at::vec::maximum and torch.max do): a NaN logit must reach
+// the log-sum-exp instead of being skipped by a `>` comparison, which is false for NaN.
+template <typename A>
+inline A nan_max(A a, A b) {
+  return (b > a || b != b) ? b : a;
+}
+
 template <typename A>
 inline A horizontal_max(const at::vec::Vectorized<A>& v) {
   A buf[at::vec::Vectorized<A>::size()];
   v.store(buf);
   A m = buf[0];
-  for (int i = 1; i < at::vec::Vectorized<A>::size(); ++i) m = buf[i] > m ? buf[i] : m;
+  for (int i = 1; i < at::vec::Vectorized<A>::size(); ++i) m = nan_max(m, buf[i]);
   return m;
 }
 

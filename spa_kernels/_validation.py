@@ -103,9 +103,15 @@ class _DeferredLabelChecks:
 
     def push(self, flag: torch.Tensor, labels: torch.Tensor, vocab: int, ignore_index: int, name: str) -> None:
         host = torch.empty(1, dtype=torch.int64, pin_memory=True)
-        host.copy_(flag, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
+        # The copy is queued on the current stream of the flag's device (where the kernel that wrote the flag ran);
+        # the event must be recorded on that same stream, whichever device is current for the caller, or it could
+        # complete before the copy and the host would read the pinned buffer before it is written.
+        with torch.cuda.device(flag.device):
+            stream = torch.cuda.current_stream(flag.device)
+            with torch.cuda.stream(stream):
+                host.copy_(flag, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(stream)
         with self._lock:
             self._pending.append((event, host, labels, vocab, ignore_index, name))
 
@@ -198,11 +204,54 @@ def check_positive_finite(value: float, name: str) -> float:
     return value
 
 
+# Temperatures whose reciprocal, or which themselves, leave float32's normal range: logits / temperature would
+# overflow to inf or lose every digit to subnormal flushing, so no backend could honour them.
+_F32 = torch.finfo(torch.float32)
+MIN_TEMPERATURE = float(_F32.tiny)
+MAX_TEMPERATURE = 1.0 / float(_F32.tiny)
+
+
+def check_temperature(value: float, name: str = "temperature") -> float:
+    """A positive finite temperature with 1/temperature a normal float32 (every backend scales by it in float32)."""
+    value = check_positive_finite(value, name)
+    if not MIN_TEMPERATURE <= value <= MAX_TEMPERATURE:
+        raise ValueError(f"{name} must lie in [{MIN_TEMPERATURE:.3g}, {MAX_TEMPERATURE:.3g}] (1/{name} must be a "
+                         f"normal float32 number), got {value}")
+    return value
+
+
 def check_finite(value: float, name: str) -> float:
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return value
+
+
+def may_overlap(t: torch.Tensor) -> bool:
+    """Whether two elements of `t` may share memory (a stride-0 / expanded dimension, or strides that interleave).
+    Conservative: False means they certainly do not."""
+    reach = 0  # the largest offset the smaller-stride dimensions reach
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride <= reach:
+            return True
+        reach += stride * (size - 1)
+    return False
+
+
+def use_inplace_backward(logits: torch.Tensor, inplace_backward: bool, name: str = "logits") -> bool:
+    """Whether the backward may write the gradient into `logits`' buffer (checked before any compute).
+
+    ValueError when `logits` is, or is a view of, a leaf tensor that requires grad: the user's own tensor would be
+    overwritten and its .grad would alias it. False (a regular gradient buffer, no error) when elements of `logits`
+    share memory (e.g. `logits.expand(...)`): rows written into the same memory would corrupt each other."""
+    if not inplace_backward or not logits.requires_grad:
+        return False
+    base = logits if logits._base is None else logits._base
+    if base.is_leaf:
+        raise ValueError(f"inplace_backward=True would write the gradient into {name}, which is (a view of) a leaf "
+                         f"tensor that requires grad: the tensor would be overwritten and its .grad would alias "
+                         f"it. Use inplace_backward=False, or pass logits computed by the model (e.g. its output)")
+    return not may_overlap(logits)
 
 
 def vocab_contiguous(t: torch.Tensor) -> torch.Tensor:

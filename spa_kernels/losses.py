@@ -16,6 +16,7 @@ Rewards are b (logp - ref) (b logp for simpo), detached, as TRL logs them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +80,26 @@ def _check_vec(t, name, B=None, device=None, allow_none=False):
     return t
 
 
+def _real(value, name: str) -> float:
+    """A Python / NumPy / 0-d tensor real number as float (bool is refused: beta=True is a mistake, not 1.0)."""
+    if isinstance(value, (bool, str, bytes)) or (isinstance(value, torch.Tensor) and value.numel() != 1):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a real number, got {value!r}") from None
+
+
+def _check_noisy(noisy, B, device) -> torch.Tensor:
+    """The [B] noisy-pair mask: bool, or numeric with every value exactly 0 or 1 (a soft weight is not a mask)."""
+    z = _check_vec(noisy, "noisy (loss_type='spa' needs the [B] noisy-pair mask from spa.refine)", B, device)
+    if z.dtype != torch.bool:
+        if z.is_complex() or not bool(((z == 0) | (z == 1)).all()):
+            raise ValueError("noisy must be a bool mask, or numeric with every value exactly 0 or 1; got "
+                             f"{z.dtype} values {z.detach().flatten()[:8].tolist()}")
+    return z
+
+
 def preference_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor,
                     ref_chosen_logps: torch.Tensor | None, ref_rejected_logps: torch.Tensor | None, *,
                     beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
@@ -87,15 +108,21 @@ def preference_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor,
                     reduction: str = "mean") -> PreferenceLossOutput:
     """DPO-family loss on [B] per-sequence log-probs (see the module docstring for the formulas).
 
-    noisy: [B] bool/float mask of pairs judged noisy (loss_type="spa"); margin: [B] (loss_type="dlma").
-    ref_* may be None only for loss_type="simpo". reduction: "mean" | "sum" | "none".
+    beta: finite, > 0. refine_alpha: in [0, 1] (loss_type="spa"). noisy: [B] mask of pairs judged noisy
+    (loss_type="spa"): a bool tensor, or a numeric one whose every value is exactly 0 or 1. margin: [B]
+    (loss_type="dlma"). ref_* are required, except for loss_type="simpo", which is reference-free and takes None
+    for both. reduction: "mean" | "sum" | "none". A bad argument raises ValueError naming it.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r} is not one of {LOSS_TYPES}")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction={reduction!r} is not one of ('mean', 'sum', 'none')")
-    if not (beta > 0):
-        raise ValueError(f"beta must be > 0, got {beta}")
+    beta = _real(beta, "beta")
+    if not (math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    refine_alpha = _real(refine_alpha, "refine_alpha")
+    if not 0.0 <= refine_alpha <= 1.0:
+        raise ValueError(f"refine_alpha must be a number in [0, 1], got {refine_alpha!r}")
     if not (0.0 <= label_smoothing < 0.5):
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
     if label_smoothing and loss_type not in ("sigmoid", "robust", "simpo"):
@@ -104,6 +131,9 @@ def preference_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor,
     B, dev = chosen_logps.shape[0], chosen_logps.device
     _check_vec(rejected_logps, "rejected_logps", B, dev)
     no_ref = loss_type == "simpo"
+    if no_ref and (ref_chosen_logps is not None or ref_rejected_logps is not None):
+        raise ValueError("loss_type='simpo' is reference-free: pass ref_chosen_logps=None and "
+                         "ref_rejected_logps=None (reference log-probs would be ignored)")
     _check_vec(ref_chosen_logps, "ref_chosen_logps", B, dev, allow_none=no_ref)
     _check_vec(ref_rejected_logps, "ref_rejected_logps", B, dev, allow_none=no_ref)
     if (ref_chosen_logps is None) != (ref_rejected_logps is None):
@@ -115,7 +145,7 @@ def preference_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor,
 
     dt = acc_dtype(chosen_logps.dtype)
     pc, pr = chosen_logps.to(dt), rejected_logps.to(dt)
-    if ref_chosen_logps is not None and not no_ref:
+    if not no_ref:
         rc, rr = ref_chosen_logps.to(dt), ref_rejected_logps.to(dt)
         chosen_rewards, rejected_rewards = beta * (pc - rc), beta * (pr - rr)
         h = (pc - rc) - (pr - rr)
@@ -133,7 +163,7 @@ def preference_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor,
     elif loss_type == "hinge":
         losses = torch.relu(1 - beta * h)
     elif loss_type == "spa":
-        z = _check_vec(noisy, "noisy (loss_type='spa' needs the [B] noisy-pair mask from spa.refine)", B, dev)
+        z = _check_noisy(noisy, B, dev)
         az = refine_alpha * z.to(dt)
         losses = -(1 - az) * F.logsigmoid(beta * h) - az * F.logsigmoid(-beta * h)
     elif loss_type == "dlma":

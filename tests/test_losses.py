@@ -140,7 +140,7 @@ def test_metrics_use_trl_names():
 
 @pytest.mark.parametrize("kwargs, exc, match", [
     (dict(loss_type="kto"), ValueError, "loss_type='kto' is not one of"),
-    (dict(beta=0.0), ValueError, "beta must be > 0"),
+    (dict(beta=0.0), ValueError, "beta must be a finite number > 0"),
     (dict(label_smoothing=0.5), ValueError, r"label_smoothing must be in \[0, 0.5\)"),
     (dict(loss_type="ipo", label_smoothing=0.1), ValueError, "label_smoothing applies to"),
     (dict(loss_type="spa"), ValueError, "noisy"),
@@ -163,3 +163,41 @@ def test_shape_errors():
         sk.preference_loss(pc[None], pr, rc, rr)
     with pytest.raises(ValueError, match="ref_chosen_logps is required"):
         sk.preference_loss(pc, pr, None, None, loss_type="sigmoid")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(beta=float("inf")), "beta must be a finite number > 0"),
+    (dict(beta=float("nan")), "beta must be a finite number > 0"),
+    (dict(beta=-0.1), "beta must be a finite number > 0"),
+    (dict(beta=True), "beta must be a real number"),
+    (dict(beta="0.1"), "beta must be a real number"),
+    (dict(loss_type="spa", noisy=torch.zeros(6, dtype=torch.bool), refine_alpha=1.5), r"refine_alpha .* \[0, 1\]"),
+    (dict(loss_type="spa", noisy=torch.zeros(6, dtype=torch.bool), refine_alpha=-0.1), r"refine_alpha .* \[0, 1\]"),
+    (dict(loss_type="spa", noisy=torch.zeros(6, dtype=torch.bool), refine_alpha=float("nan")), "refine_alpha"),
+    (dict(loss_type="spa", noisy=torch.full((6,), 0.5)), "noisy must be a bool mask"),
+    (dict(loss_type="spa", noisy=torch.tensor([0, 1, 2, 0, 1, 0])), "noisy must be a bool mask"),
+    (dict(loss_type="spa", noisy=torch.full((6,), float("nan"))), "noisy must be a bool mask"),
+])
+def test_argument_errors_name_the_argument(kwargs, match):
+    pc, pr, rc, rr = vecs()
+    with pytest.raises(ValueError, match=match):
+        sk.preference_loss(pc, pr, rc, rr, **kwargs)
+
+
+def test_noisy_accepts_bool_and_exact_zero_one_numbers():
+    pc, pr, rc, rr = vecs()
+    mask = torch.tensor([True, False, True, False, False, True])
+    want = sk.preference_loss(pc, pr, rc, rr, loss_type="spa", noisy=mask, refine_alpha=0.3).losses
+    for z in (mask.double(), mask.float(), mask.long()):
+        got = sk.preference_loss(pc, pr, rc, rr, loss_type="spa", noisy=z, refine_alpha=0.3).losses
+        torch.testing.assert_close(got, want)
+    for a in (0.0, 1.0, torch.tensor(0.5)):
+        sk.preference_loss(pc, pr, rc, rr, loss_type="spa", noisy=mask, refine_alpha=a)
+
+
+@pytest.mark.parametrize("refs", ["both", "chosen", "rejected"])
+def test_simpo_rejects_reference_logps(refs):
+    pc, pr, rc, rr = vecs()
+    ref = {"both": (rc, rr), "chosen": (rc, None), "rejected": (None, rr)}[refs]
+    with pytest.raises(ValueError, match="simpo' is reference-free"):
+        sk.preference_loss(pc, pr, *ref, loss_type="simpo")

@@ -8,22 +8,36 @@ namespace spa {
 
 // Online log-sum-exp works on blocks of kBlock elements: one sweep takes the block max, a second sweep (the block
 // is still in L1: 4 KiB of float32) adds exp(x - running_max). The row is read from memory once.
+//
+// Every scaled logit u = x * scale is rounded to the accumulation type once, then shifted: the forward's terms
+// exp(u - m), its log-prob u_label - lse and the backward's exp(u - lse) all see the same u. The extension is compiled
+// with -ffp-contract=off (setup.py) so that the compiler cannot fuse x * scale - m into one FMA in some places and
+// not in others: at |u| ~ 1e4 the product's rounding error is ~1e-3 and an FMA in the forward only would put it in
+// the log-sum-exp but not in the backward's p (a gradient error of that size at temperature != 1).
 constexpr int64_t kBlock = 1024;
 
+// NaN and +inf follow torch.log_softmax: a row holding a NaN or a +inf logit has a NaN log-sum-exp, hence NaN
+// log-probs for every label of the row and a NaN gradient row.
 template <typename A>
 struct OnlineLSE {
   A m = -std::numeric_limits<A>::infinity();
   A s = 0;
   // Raise the running max to at least `block_max`; returns false when everything so far is -inf (nothing to add).
+  // A NaN block max (the block holds a NaN) makes the state NaN for good.
   inline bool raise(A block_max) {
+    if (block_max != block_max) {
+      m = s = std::numeric_limits<A>::quiet_NaN();
+      return false;
+    }
     if (block_max > m) {
       s *= std::exp(m - block_max);  // m == -inf -> s == 0 and exp(-inf) == 0
       m = block_max;
     }
-    return m != -std::numeric_limits<A>::infinity();
+    return m != -std::numeric_limits<A>::infinity() && m == m;
   }
   inline A value() const {
-    return m + std::log(s);  // all -inf -> -inf + log(0) = -inf, as torch.logsumexp
+    if (m == std::numeric_limits<A>::infinity()) return std::numeric_limits<A>::quiet_NaN();  // a +inf logit
+    return m + std::log(s);  // all -inf -> -inf + log(0) = -inf; NaN state -> NaN
   }
 };
 
@@ -40,10 +54,7 @@ struct RowOps {
     int64_t i = 0;
     for (; i + W <= len; i += W) vm = at::vec::maximum(vm, IO::load(x + i) * vscale);
     A m = horizontal_max(vm);
-    for (; i < len; ++i) {
-      const A v = static_cast<A>(x[i]) * scale;
-      m = v > m ? v : m;
-    }
+    for (; i < len; ++i) m = nan_max(m, static_cast<A>(x[i]) * scale);
     return m;
   }
 

@@ -46,20 +46,21 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
 #pragma unroll
         for (int k = 0; k < kVec; ++k) {
           f[k] = static_cast<float>(a.v[k]);
-          vmax = fmaxf(vmax, f[k]);
+          vmax = nan_max(vmax, f[k]);
         }
-        if (raise_max(st[0], vmax * scale)) {
+        if (raise_max(st[0], scaled(vmax, scale))) {
 #pragma unroll
-          for (int k = 0; k < kVec; ++k) st[0].s += __expf(fmaf(f[k], scale, -st[0].m));
+          for (int k = 0; k < kVec; ++k) st[0].s += __expf(scaled(f[k], scale) - st[0].m);
         }
       },
       rows_in);
   row_merge<kWarpPerRow, 1>(st);
   if (rt.tid == 0) {
     const float log_s = __logf(st[0].s);
-    lse[r] = st[0].m + log_s;
-    // x_label * scale - m is exact near the max, so a confident token's log-prob keeps its small digits.
-    token[r] = fmaf(x_label, scale, -st[0].m) - log_s;
+    const float l = row_lse(st[0], log_s);
+    lse[r] = l;
+    // u_label - m is exact near the max, so a confident token's log-prob keeps its small digits.
+    token[r] = isnan(l) ? l : (scaled(x_label, scale) - st[0].m) - log_s;
   }
 }
 
@@ -102,7 +103,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
   // coef * (1 - p) is formed in float32 with expm1 (no cancellation when p is close to 1) and rounded to the storage
   // type once: the thread that meets the label writes the plain term first and overwrites it after its walk, which
   // keeps expm1 out of the unrolled loops (the element is read and written by that thread only, in program order).
-  auto other_term = [&](float xv) { return -coef * __expf(fmaf(xv, scale, -l)); };
+  auto other_term = [&](float xv) { return -coef * __expf(scaled(xv, scale) - l); };
   bool own_label = false;
   float x_label = 0.f;
   auto scalar = [&](int i) {
@@ -136,7 +137,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
     // vocabulary that is not a multiple of 16 bytes, written into a fresh buffer): element by element.
     for (int i = rt.tid; i < V; i += rt.nthreads) scalar(i);
   }
-  if (own_label) gx[y] = static_cast<scalar_t>(-coef * expm1f(fmaf(x_label, scale, -l)));
+  if (own_label) gx[y] = static_cast<scalar_t>(-coef * expm1f(scaled(x_label, scale) - l));
 }
 
 }  // namespace

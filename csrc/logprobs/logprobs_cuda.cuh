@@ -120,32 +120,54 @@ __device__ __forceinline__ void walk_row(const RowSplit& sp, int V, int tid, int
 
 // ---------------------------------------------------------------------------------------------------------------
 // Online log-sum-exp: the state (m, s) stands for m + log(s) = log sum_i exp(u_i), u_i = x_i * scale, with m the
-// largest u seen. Terms are exp(fma(x, scale, -m)): the exponent is rounded once (exact near the max when scale = 1),
-// so huge logits lose nothing to the shift, and lse = m + log(s) is as precise as float32 allows (a base-2 variant
-// saves one multiply per element but rounds m * log2(e), an error of ulp(lse) that the backward's p = exp(x - lse)
-// then carries; the kernels are memory-bound either way). All -inf so far: m = -inf, s = 0.
+// largest u seen. Each u is the float32 product rounded once (scaled(): __fmul_rn, never contracted into an FMA), and
+// every term is exp(u - m): u - m is exact near the max, and forward and backward see the same u. (An FMA
+// exp(fma(x, scale, -m)) would put the product's rounding error, ~1e-3 at |u| ~ 1e4, into s but not into the
+// float32 lse the backward gets, so p = exp(u - lse) of the top logit would be off by that much at temperature != 1.)
+// At scale = 1 the product is exact. All -inf so far: m = -inf, s = 0.
+//
+// NaN and +inf follow torch.log_softmax: a row holding a NaN or a +inf logit gets a NaN log-sum-exp (so NaN
+// log-probs and, in the backward, a NaN gradient row). A NaN must survive whatever a thread saw before it (nothing,
+// or only -inf): maxima are taken with nan_max (fmaxf drops NaN), a NaN max makes the state's s NaN for good, and
+// merges propagate a NaN m or s. A +inf max gives terms exp(inf - inf) = NaN.
 struct MaxSum {
   float m, s;
 };
 
-__device__ __forceinline__ MaxSum merge(MaxSum a, MaxSum b) {
-  const float m = fmaxf(a.m, b.m);
-  if (m == -INFINITY) return {m, 0.f};  // both empty: avoid -inf - -inf = NaN
-  return {m, a.s * __expf(a.m - m) + b.s * __expf(b.m - m)};
+__device__ __forceinline__ float scaled(float x, float scale) {
+  return __fmul_rn(x, scale);
 }
 
-// Raises the running max to `max_u` (already scaled) if larger; returns whether any finite value was seen, i.e.
-// whether terms exp(u - m) may be added (with m = -inf they would be exp(-inf + inf) = NaN).
+// max(a, b) that returns NaN when either is NaN (fmaxf returns the other operand).
+__device__ __forceinline__ float nan_max(float a, float b) {
+  return (b > a || isnan(b)) ? b : a;
+}
+
+__device__ __forceinline__ MaxSum merge(MaxSum a, MaxSum b) {
+  const float m = nan_max(a.m, b.m);
+  if (m == -INFINITY) return {m, 0.f};  // both empty: avoid -inf - -inf = NaN
+  return {m, a.s * __expf(a.m - m) + b.s * __expf(b.m - m)};  // m NaN, or a NaN s: NaN
+}
+
+// Raises the running max to `max_u` (already scaled) if larger, or NaN (then s becomes NaN: exp(m - NaN), and m
+// stays NaN: nothing compares larger); returns whether terms exp(u - m) may be added, i.e. whether anything but -inf
+// was seen (with m = -inf they would be exp(-inf + inf) = NaN).
 __device__ __forceinline__ bool raise_max(MaxSum& st, float max_u) {
-  if (max_u > st.m) {
-    st.s *= __expf(st.m - max_u);  // m = -inf: s = 0 * 0
+  if (max_u > st.m || isnan(max_u)) {
+    st.s *= __expf(st.m - max_u);  // m = -inf: s = 0 * 0; max_u NaN: s = NaN
     st.m = max_u;
   }
   return st.m != -INFINITY;
 }
 
+// The row's log-sum-exp from its merged state: NaN for a row holding +inf (as torch.log_softmax) or NaN.
+__device__ __forceinline__ float row_lse(const MaxSum& st, float log_s) {
+  return st.m == INFINITY ? NAN : st.m + log_s;
+}
+
 __device__ __forceinline__ void add_scalar(MaxSum& st, float x, float scale) {
-  if (raise_max(st, x * scale)) st.s += __expf(fmaf(x, scale, -st.m));
+  const float u = scaled(x, scale);
+  if (raise_max(st, u)) st.s += __expf(u - st.m);
 }
 
 template <int K>

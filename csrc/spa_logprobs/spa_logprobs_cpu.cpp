@@ -47,9 +47,9 @@ struct SpaRow {
       for (int64_t j = i; j < len; ++j) {
         const A a = static_cast<A>(p[j]), r = static_cast<A>(pr[j]);
         const A e = extrapolate(a, r, c1, lam);
-        bm[0] = a > bm[0] ? a : bm[0];
-        bm[1] = r > bm[1] ? r : bm[1];
-        bm[2] = e > bm[2] ? e : bm[2];
+        bm[0] = nan_max(bm[0], a);
+        bm[1] = nan_max(bm[1], r);
+        bm[2] = nan_max(bm[2], e);
       }
       bool live[3];
       for (int k = 0; k < 3; ++k) live[k] = acc[k].raise(bm[k]);

@@ -64,9 +64,9 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
 #pragma unroll
           for (int k = 0; k < kVec; ++k) {
             const float z = static_cast<float>(a.v[k]), zr = static_cast<float>(b.v[k]);
-            vmax[0] = fmaxf(vmax[0], z);
-            vmax[1] = fmaxf(vmax[1], zr);
-            vmax[2] = fmaxf(vmax[2], extrapolate(z, zr, c1, lam));
+            vmax[0] = nan_max(vmax[0], z);
+            vmax[1] = nan_max(vmax[1], zr);
+            vmax[2] = nan_max(vmax[2], extrapolate(z, zr, c1, lam));
           }
           bool live[3];
 #pragma unroll
@@ -89,10 +89,13 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
     float log_s[3];
 #pragma unroll
     for (int s = 0; s < 3; ++s) log_s[s] = __logf(st[s].s);
-    lse[r] = st[0].m + log_s[0];
-    token[r] = (z_label - st[0].m) - log_s[0];
-    ref_token[r] = (zr_label - st[1].m) - log_s[1];
-    ext_token[r] = (extrapolate(z_label, zr_label, c1, lam) - st[2].m) - log_s[2];
+    float l[3];
+#pragma unroll
+    for (int s = 0; s < 3; ++s) l[s] = row_lse(st[s], log_s[s]);
+    lse[r] = l[0];
+    token[r] = isnan(l[0]) ? l[0] : (z_label - st[0].m) - log_s[0];
+    ref_token[r] = isnan(l[1]) ? l[1] : (zr_label - st[1].m) - log_s[1];
+    ext_token[r] = isnan(l[2]) ? l[2] : (extrapolate(z_label, zr_label, c1, lam) - st[2].m) - log_s[2];
   }
 }
 

@@ -236,7 +236,8 @@ class PreferenceTrainer(PreferenceLossMixin, transformers.Trainer):
             raise ValueError(f"loss_type={loss_type!r} needs per-pair inputs (noisy / margin) that a dataset batch "
                              "does not carry: use preference_loss_from_model(..., noisy=/margin=) in your own loop")
         zero = torch.zeros(1)  # validates beta / loss_type / label_smoothing now rather than at the first step
-        preference_loss(zero, zero, zero, zero, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+        ref = (None, None) if loss_type == "simpo" else (zero, zero)
+        preference_loss(zero, zero, *ref, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
         self.preference_options = dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
                                        average_log_prob=average_log_prob, impl=impl)
         # before Trainer prepares (wraps) the model, so accelerate's mixed-precision wrapper sits above the head

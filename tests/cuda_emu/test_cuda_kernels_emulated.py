@@ -181,3 +181,85 @@ def test_launch_shapes(emu):
     assert emu.launch_shape(10, 32000, 2) == [0, 10, 256]
     assert emu.launch_shape(10, 32768, 2) == [0, 10, 512]
     assert emu.launch_shape(10, 128256, 2) == [0, 10, 512]
+
+
+def _strided_rows(dtype, N, T, V, offset, pad=0, fill=None):
+    """[N, T, V] logits whose rows start `offset` elements past a 16-byte boundary (row stride V + pad)."""
+    base = make_logits((N * T * (V + pad) + offset,), dtype)
+    if fill is not None:
+        base.fill_(fill)
+    return base[offset:].view(N, T, V + pad)[:, :, :V]
+
+
+# (V, positions of the bad value): the scalar head, the first pack, a thread's tail with no full pack, the row's end
+NAN_LAYOUTS = [(37, (0, 1, 2, 5, 36)), (301, (0, 3, 8, 150, 300)), (2100, (0, 1, 7, 1029, 2099))]
+
+
+@pytest.mark.parametrize("launch", [LAUNCHES["warp"], LAUNCHES["block128"]], ids=["warp", "block128"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("background", ["random", "-inf"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "+inf"])
+def test_nan_and_plus_inf_give_a_nan_row_at_every_layout(emu, launch, dtype, background, bad):
+    """Wherever the bad value sits (head, pack, tail; rows at every 16-byte phase; the rest random or -inf), its
+    row's log-prob and every entry of its gradient are NaN, as with torch.log_softmax; the other rows are exact."""
+    for V, positions in NAN_LAYOUTS:
+        for offset in (0, 1, 3):
+            N, T = 1, len(positions)
+            logits = _strided_rows(dtype, N, T, V, offset, pad=1)
+            if background == "-inf":
+                logits[0, :, :] = float("-inf")
+            for t, pos in enumerate(positions):
+                logits[0, t, pos] = bad
+            labels = torch.full((N, T), (V - 1) // 2)
+            g = torch.rand(N, T) + 0.5
+            tok, lse, bad_flag, grad, _ = _forward_backward(emu, logits, labels, launch, g=g)
+            assert int(bad_flag) == NO_BAD
+            for t, pos in enumerate(positions):
+                assert torch.isnan(tok[0, t]) and torch.isnan(lse[0, t]), \
+                    f"V={V} offset={offset} at {pos}: token {tok[0, t].item()}, lse {lse[0, t].item()}"
+                assert torch.isnan(grad[0, t]).all(), f"V={V} offset={offset} at {pos}: gradient not all NaN"
+    # the same rows with the bad value removed are exact (nothing else was disturbed)
+    logits = _strided_rows(dtype, 2, 3, 301, 3, pad=1)
+    _check(emu, logits, make_labels((2, 3), 301), launch)
+
+
+def test_issue_examples_fp32_offset_3_and_bf16(emu):
+    """fp32 V = 32003 at storage offset 3 with a NaN at index 0, and bf16 with a NaN at index 1: NaN (were finite)."""
+    for dtype, pos in [(torch.float32, 0), (torch.bfloat16, 1)]:
+        logits = _strided_rows(dtype, 1, 2, 32003, 3)
+        logits[0, 0, pos] = float("nan")
+        tok, lse, _ = emu.logprobs_forward(logits, torch.tensor([[5, 5]]), -100, 1.0, AUTO, 0)
+        assert torch.isnan(tok[0, 0]), f"{dtype}: {tok[0, 0].item()}"
+        assert torch.isfinite(tok[0, 1])
+
+
+@pytest.mark.parametrize("launch", [LAUNCHES["warp"], LAUNCHES["block128"]], ids=["warp", "block128"])
+@pytest.mark.parametrize("where", ["policy", "reference"])
+def test_spa_nan_in_the_first_elements_of_misaligned_rows(emu, launch, where):
+    """The element-by-element path (policy and reference rows at different 16-byte phases): a NaN among the first
+    `nthreads` elements is the first value its thread sees."""
+    N, T, V = 1, 6, 300
+    logits = _strided_rows(torch.bfloat16, N, T, V, 0, pad=0)
+    ref_logits = _strided_rows(torch.bfloat16, N, T, V, 3, pad=1)  # a different phase: element-wise path
+    target = logits if where == "policy" else ref_logits
+    positions = (0, 1, 5, 31, 64, 127)
+    for t, pos in enumerate(positions):
+        target[0, t, pos] = float("nan")
+    labels = torch.full((N, T), 200)
+    tok, lse, ref, ext, bad = emu.spa_logprobs_forward(logits, ref_logits, labels, -100, 0.5, *launch)
+    assert int(bad) == NO_BAD
+    policy = where == "policy"
+    assert bool(torch.isnan(tok).all()) == policy and bool(torch.isnan(lse).all()) == policy
+    assert bool(torch.isnan(ref).all()) == (not policy)
+    assert torch.isnan(ext).all()
+    assert (torch.isfinite(ref) if policy else torch.isfinite(tok)).all()
+
+
+@pytest.mark.parametrize("launch", [LAUNCHES["warp"], LAUNCHES["block128"]], ids=["warp", "block128"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
+def test_huge_logits_at_a_temperature(emu, launch, dtype, temperature):
+    """|x / T| ~ 4e4: the scaled logit is rounded once and the same in forward and backward, so the top logit's
+    probability is exactly 1 where it dominates (an FMA in the forward only put ~1e-3 into the gradient)."""
+    logits = make_logits((2, 4, 300), dtype, scale=1e4)
+    _check(emu, logits, make_labels((2, 4), 300), launch, temperature=temperature)

@@ -33,8 +33,9 @@ def _check(impl, logits, labels, *, ignore_index=-100, average=False, temperatur
     dtype = logits.dtype
     T = logits.shape[1]
     x = logits.detach().clone().requires_grad_()
-    out = sk.sequence_logprobs(x, labels, ignore_index=ignore_index, average=average, temperature=temperature,
-                               impl=impl, inplace_backward=inplace)
+    # in place: the logits must be a non-leaf (as a model's output is); its buffer receives the gradient
+    out = sk.sequence_logprobs(x * 1.0 if inplace else x, labels, ignore_index=ignore_index, average=average,
+                               temperature=temperature, impl=impl, inplace_backward=inplace)
     assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert out.shape == (logits.shape[0],)
     upstream = torch.randn(out.shape, dtype=out.dtype, device=out.device)
@@ -272,3 +273,66 @@ def test_no_grad_input_gets_no_grad():
 def test_bad_inputs_raise_clear_errors(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         sk.sequence_logprobs(**kwargs)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("op", ["sequence", "spa"])
+def test_inplace_backward_on_a_leaf_raises_before_compute(impl, op):
+    """The leaf's data would be overwritten by its own gradient and its .grad would alias it."""
+    dev = impl_device(impl)
+    logits = make_logits((2, 3, 40), torch.float32, dev)
+    labels = make_labels((2, 3), 40, dev)
+    _skip_unusable(impl, {"logits": logits, "labels": labels})
+    if op == "spa" and _dispatch.unusable_reason("spa_logprobs", impl, {"logits": logits, "ref_logits": logits}):
+        pytest.skip("no spa_logprobs backend")
+    for x in (logits.clone().requires_grad_(), logits.clone().requires_grad_()[:, :-1]):  # a leaf, a view of one
+        before = x.detach().clone()
+        with pytest.raises(ValueError, match="inplace_backward=True .* leaf tensor"):
+            if op == "spa":
+                sk.spa_sequence_logprobs(x, logits[:, :x.shape[1]], labels[:, :x.shape[1]], lam=0.5, impl=impl,
+                                         inplace_backward=True)
+            else:
+                sk.sequence_logprobs(x, labels[:, :x.shape[1]], impl=impl, inplace_backward=True)
+        assert torch.equal(x.detach(), before)
+    # a leaf that needs no gradient has no backward to write: fine
+    sk.sequence_logprobs(logits, labels, impl=impl, inplace_backward=True)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("op", ["sequence", "spa"])
+def test_inplace_backward_on_expanded_logits_falls_back_to_a_fresh_gradient(impl, op):
+    """Rows that share memory (stride 0) cannot each receive their own gradient in place: the backward writes a
+    regular gradient buffer instead, and the result is the one without inplace_backward."""
+    dev = impl_device(impl)
+    V = 37
+    row = make_logits((1, 1, V), torch.float32, dev)
+    labels = make_labels((3, 4), V, dev, ignore_frac=0.0)
+    if _dispatch.unusable_reason("logprobs" if op == "sequence" else "spa_logprobs", impl,
+                                 {"logits": row, "ref_logits": row, "labels": labels}):
+        pytest.skip("backend unusable here")
+    ref_logits = make_logits((3, 4, V), torch.float32, dev)
+    grads = []
+    for inplace in (False, True):
+        leaf = row.clone().requires_grad_()
+        y = (leaf * 1.0).expand(3, 4, V)  # a non-leaf whose 12 rows are one row in memory
+        if op == "spa":
+            out = sk.spa_sequence_logprobs(y, ref_logits, labels, lam=0.5, impl=impl, inplace_backward=inplace)[0]
+        else:
+            out = sk.sequence_logprobs(y, labels, impl=impl, inplace_backward=inplace)
+        (out * torch.arange(1.0, 4.0, device=dev)).sum().backward()
+        grads.append(leaf.grad)
+    xo = row.double().requires_grad_()
+    oracle = seq_reduce(oracle_token_logprobs(xo.expand(3, 4, V), labels), labels)
+    (oracle * torch.arange(1.0, 4.0, device=dev, dtype=torch.float64)).sum().backward()
+    assert torch.equal(grads[0], grads[1])
+    assert_no_worse(grads[1], xo.grad, atol=1e-5, rtol=1e-5, name=f"{impl} expanded grad")
+
+
+def test_may_overlap():
+    from spa_kernels._validation import may_overlap
+
+    x = torch.zeros(2, 3, 5)
+    assert not may_overlap(x) and not may_overlap(x[:, :-1]) and not may_overlap(x.transpose(0, 1))
+    assert not may_overlap(x[:, :1].expand(2, 1, 5)) and not may_overlap(torch.zeros(1, 1, 5).expand(1, 1, 5))
+    assert may_overlap(x[:, :1].expand(2, 4, 5)) and may_overlap(torch.zeros(5).expand(2, 3, 5))
+    assert may_overlap(torch.zeros(20).as_strided((2, 3, 5), (5, 2, 1)))  # rows 2 apart, 5 long: interleaved

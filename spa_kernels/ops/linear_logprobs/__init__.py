@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ... import _dispatch
-from ..._validation import acc_dtype, check_floating, check_label_range, check_labels, check_positive_finite
+from ..._validation import acc_dtype, check_floating, check_label_range, check_labels, check_temperature
 from ..logprobs.reference import reduce_sequence
 
 __all__ = ["linear_sequence_logprobs", "linear_token_logprobs", "check_linear_inputs", "compact_tokens",
@@ -63,7 +63,7 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           impl: str = "auto", chunk_size: int | None = None) -> torch.Tensor:
     """Per-token log p(label) [N, T] from hidden [N, T, H] and weight [V, H]; ignored positions are 0."""
     labels = check_linear_inputs(hidden, weight, labels, bias)
-    temperature = check_positive_finite(temperature, "temperature")
+    temperature = check_temperature(temperature)
     if chunk_size is not None and int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
     check_label_range(labels, weight.shape[0], ignore_index)

@@ -11,9 +11,10 @@ import torch
 from ... import _dispatch
 from ..._validation import (
     check_logits_and_labels,
-    check_positive_finite,
+    check_temperature,
     label_check,
     label_check_for,
+    use_inplace_backward,
     vocab_contiguous,
 )
 from . import reference
@@ -49,13 +50,14 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: 
                               temperature=temperature, impl=impl, inplace_backward=inplace_backward,
                               validate=validate).squeeze(0)
     labels = check_logits_and_labels(logits, labels)
-    temperature = check_positive_finite(temperature, "temperature")
+    temperature = check_temperature(temperature)
+    inplace = use_inplace_backward(logits, inplace_backward)
     name, _ = _dispatch.resolve("logprobs", impl, {"logits": logits, "labels": labels})
     if name == "torch":
         return reference.token_logprobs(logits, labels, ignore_index, temperature)
     with label_check(label_check_for(validate)):
         return TokenLogprobsFunction.apply(vocab_contiguous(logits), labels, int(ignore_index), 1.0 / temperature,
-                                          bool(inplace_backward), name)
+                                          inplace, name)
 
 
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100, average: bool = False,

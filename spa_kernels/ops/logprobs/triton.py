@@ -43,10 +43,12 @@ def online_lse_update(m, s, x):
 
 @triton.jit
 def online_lse_finish(m, s):
-    """Merges per-lane states into the row's log-sum-exp (all -inf -> -inf, as torch.logsumexp)."""
+    """Merges per-lane states into the row's log-sum-exp (all -inf -> -inf, as torch.logsumexp). A NaN logit has
+    made its lane's sum NaN; a +inf logit gives NaN too, as torch.log_softmax does for every entry of such a row."""
     m_row = tl.max(m, axis=0)
     m_safe = tl.where(m_row == float("-inf"), 0.0, m_row)
-    return m_row + tl.log(tl.sum(s * tl.exp(m - m_safe), axis=0))
+    lse = m_row + tl.log(tl.sum(s * tl.exp(m - m_safe), axis=0))
+    return tl.where(m_row == float("inf"), float("nan"), lse)
 
 
 @_triton.autotune(_FWD_CONFIGS, key=["V"], interpret=triton.Config({"BLOCK_V": _INTERPRET_BLOCK_V}))
