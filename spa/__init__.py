@@ -4,9 +4,10 @@
     cfg = spa.Config.load("config.yaml", overrides=["loop.iterations=2"])
     metrics = spa.run(cfg)            # resumable: rerun after an interruption continues where it stopped
 
-Stages alone: spa.run_sft, spa.run_generate, spa.run_judge, spa.run_train, spa.run_eval (each takes the config and
-an iteration). Judges: spa.judges; pair selection (REAL): spa.select; self-refinement: spa.refine; the built-in
-offline task and `spa demo`: spa.tasks. docs/trainer.md has the details.
+Stages alone: spa.run_sft, spa.run_generate, spa.run_judge, spa.run_train, spa.run_validate, spa.run_eval (each
+takes the config and an iteration). Judges: spa.judges; pair selection (REAL): spa.select; self-refinement:
+spa.refine; held-out validation and the choice of the returned model: spa.validation; the built-in offline tasks
+and `spa demo`: spa.tasks. docs/trainer.md has the details.
 """
 
 from .config import Config, ConfigError
@@ -16,6 +17,7 @@ from .generate import run_generate
 from .judges import run_judge
 from .loop import ConfigMismatch, run
 from .train import run_sft, run_train
+from .validation import run_validate
 
 __all__ = ["Config", "ConfigError", "ConfigMismatch", "DataError", "run", "run_eval", "run_generate", "run_judge",
-           "run_sft", "run_train"]
+           "run_sft", "run_train", "run_validate"]

@@ -3,7 +3,7 @@
     spa demo [--quick] [--task NAME|all] [--seeds 0 1 2]     a built-in offline task, whole loop, results table
     spa run CONFIG.yaml [--set section.key=value ...]        the SPA loop; rerun to resume after an interruption
     spa sft CONFIG.yaml                                      single stages, same config keys
-    spa generate | judge | train CONFIG.yaml --iteration I
+    spa generate | judge | train | validate CONFIG.yaml --iteration I
     spa eval CONFIG.yaml (--iteration I | --sft)
     spa config [CONFIG.yaml]                                 print the resolved config (defaults + file + --set)
 """
@@ -91,12 +91,14 @@ def _parser() -> argparse.ArgumentParser:
                         help="override a config value (repeatable), e.g. --set train.beta=0.2")
         return sp
 
-    sp = with_config("run", "the whole loop: [sft] -> seed DPO -> iterations (generate, judge, train, eval)")
+    sp = with_config("run", "the whole loop: [sft] -> seed DPO -> iterations (generate, judge, train, validate, "
+                            "eval); returns the best iteration on the held-out seed pairs")
     sp.add_argument("--until", metavar="STAGE", help="stop after this stage, e.g. iter_1/judge")
     with_config("sft", "supervised fine-tuning (sft.data) into output_dir/sft/model")
     for name, help in (("generate", "K samples per prompt from the previous iteration's model"),
                        ("judge", "self-judgment: pairs from the iteration's samples"),
-                       ("train", "DPO (iteration 0: on the seed) / SPA training of an iteration")):
+                       ("train", "DPO (iteration 0: on the seed) / SPA training of an iteration"),
+                       ("validate", "the iteration's model on the held-out gold seed pairs")):
         sp = with_config(name, help)
         sp.add_argument("--iteration", type=int, required=True, help="0 = seed DPO (train only), 1.. = SPA")
     sp = with_config("eval", "oracle win rate vs SFT, score, length, implicit-reward accuracy")

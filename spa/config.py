@@ -178,10 +178,13 @@ class LoopConfig:
         "best", "the model the run returns: best = the iteration (0 = DPO on the seed included) with the best "
                 "loop.selection_metric on the held-out gold validation pairs (data.validation_size); last = the "
                 "last iteration")
-    selection_metric: Literal["reward_accuracy", "reward_margin", "dpo_loss"] = _f(
-        "reward_accuracy", "validation metric for loop.select=best and loop.patience: the model's implicit-reward "
-                           "accuracy vs pi_init on the validation pairs (ties 1/2), the mean reward margin, or the "
-                           "DPO loss (lower is better)")
+    selection_metric: Literal["reward_accuracy", "reward_margin", "dpo_loss", "logp_accuracy",
+                              "logp_per_token_accuracy", "chosen_logp_per_token"] = _f(
+        "reward_accuracy", "validation metric for loop.select=best and loop.patience, on the held-out seed pairs: "
+                           "reward_accuracy (implicit reward vs pi_init ranks chosen above rejected; ties 1/2), "
+                           "reward_margin, dpo_loss (lower is better), logp_accuracy / logp_per_token_accuracy (the "
+                           "model's own log-prob, summed / per token, ranks chosen above rejected), "
+                           "chosen_logp_per_token (mean per-token log-likelihood of the chosen responses)")
     patience: int = _f(1, "with loop.select=best: stop after this many iterations in a row without a better "
                           "validation metric (0: never stop early)")
 

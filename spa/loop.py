@@ -156,7 +156,8 @@ def _run_locked(cfg: Config, stages: list[Stage], until: str | None) -> dict:
         if stage.iteration is not None and last_of[stage.iteration] == stage.name:
             selection = select_iteration(cfg, stage.iteration)
             if selection.rule == "best" and selection.iteration != stage.iteration:
-                logger.warning("iter_%d validates worse than iter_%d (%s %.3f vs %.3f on the held-out gold pairs)",
+                logger.warning("iter_%d validates no better than iter_%d (%s %.3f vs %.3f on the held-out gold "
+                               "pairs)",
                                stage.iteration, selection.iteration, selection.metric,
                                selection.values[str(stage.iteration)], selection.value)
             if selection.stopped_early:

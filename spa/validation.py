@@ -93,9 +93,9 @@ def model_validation(model, reference, enc: data_mod.PromptEncoder, rows: list[d
     out = agreement(rc.tolist(), rr.tolist(), "val/reward_accuracy")
     out["val/reward_margin"] = (rc - rr).mean().item()
     out["val/dpo_loss"] = -torch.nn.functional.logsigmoid(rc - rr).mean().item()
-    out["val/logp_accuracy"] = agreement(lp[0::2].tolist(), lp[1::2].tolist(), "a")["a"]
+    out.update(agreement(lp[0::2].tolist(), lp[1::2].tolist(), "val/logp_accuracy"))
     per_tok = lp / tokens
-    out["val/logp_per_token_accuracy"] = agreement(per_tok[0::2].tolist(), per_tok[1::2].tolist(), "a")["a"]
+    out.update(agreement(per_tok[0::2].tolist(), per_tok[1::2].tolist(), "val/logp_per_token_accuracy"))
     out["val/chosen_logp_per_token"] = per_tok[0::2].mean().item()
     return out
 
@@ -178,9 +178,7 @@ def select_iteration(cfg, last: int) -> Selection:
     best, stopped = choose_iteration(values, lp.patience, lp.selection_metric in LOWER_IS_BETTER, lp.iterations)
     since = last - best
     v = read_json(lay.validation(best))
-    ci = ""
-    if lp.selection_metric == "reward_accuracy":
-        ci = f" (95% CI {v[key + '_ci_low']:.2f}-{v[key + '_ci_high']:.2f})"
+    ci = f" (95% CI {v[key + '_ci_low']:.2f}-{v[key + '_ci_high']:.2f})" if key + "_ci_low" in v else ""
     reason = (f"returns iter_{best}/model ({model_label(best)}): the best validation {lp.selection_metric} "
               f"{values[best]:.3f}{ci} on {v['val/reward_accuracy_pairs']} held-out gold pairs among iterations "
               f"0-{last} (" + ", ".join(f"{i}: {x:.3f}" for i, x in values.items()) + ")")

@@ -1,7 +1,7 @@
 """Built-in task `add`: add two numbers, judged by place-value accuracy.
 
-    user:      add: 385+47
-    assistant: 432
+    user:      add: 385+7
+    assistant: 392
 
 The oracle gives partial credit per place value: the response's digits and the sum's are aligned at the ones
 place, and the score is the fraction of places (out of the longer number) whose digits agree; a response that is not
@@ -19,7 +19,7 @@ from .base import Demonstrator, Task
 from .chartok import CHARS
 
 INSTRUCTION = "add: "
-MAX_A, MAX_B = 999, 19
+MAX_A, MAX_B = 999, 9
 
 
 def operands(x: str) -> tuple[int, int]:
@@ -72,7 +72,7 @@ def _draw(rng: random.Random) -> str:
     return f"{rng.randint(0, MAX_A)}+{rng.randint(0, MAX_B)}"
 
 
-TASK = Task(name="add", version="add-v2", instruction=INSTRUCTION, draw_input=_draw, target=target,
+TASK = Task(name="add", version="add-v3", instruction=INSTRUCTION, draw_input=_draw, target=target,
             score=lambda x, response: place_accuracy(response, target(x)), demonstrators=DEMONSTRATORS,
             alphabet=CHARS + "+", demo_overrides=("generate.max_new_tokens=10",))
 

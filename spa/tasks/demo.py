@@ -6,12 +6,13 @@ seeds, mean and spread. `--task NAME` picks the task (spa.tasks: reverse, add, r
 Layout under the demo folder (default ~/.cache/spa/demo, or $SPA_CACHE/demo):
     task-<version>/            tokenizer/, sft.jsonl, prefs.jsonl, eval_prompts.jsonl, eval_pairs.jsonl
     sft-<version>-<hash>/      the `sft` stage's run: sft/model/ is pi_init for every seed (hash: the SFT settings)
-    <task>/full/seed_<s>/      one `spa run` directory per seed (config.yaml, metrics.json, sft/eval*, iter_*/)
-    <task>/full/summary.json   the table's numbers per seed, their mean and standard deviation, the returned model
-                               per seed, and run times
-    <task>/quick/...           the same for --quick
-    <task>/full-<hash>/, <task>/quick-<hash>/  the same for runs with --set overrides (hash: the overrides), so
-                               that e.g. `spa demo --set judge.reference=init` sits beside the default demo
+    <version>/full/seed_<s>/   one `spa run` directory per seed (config.yaml, metrics.json, sft/eval*, iter_*/);
+                               <version> is the task's name and version, e.g. reverse-v1
+    <version>/full/summary.json  the table's numbers per seed, their mean and standard deviation, the returned
+                               model per seed, and run times
+    <version>/quick/...        the same for --quick
+    <version>/full-<hash>/, <version>/quick-<hash>/  the same for runs with --set overrides (hash: the overrides),
+                               so that e.g. `spa demo --set judge.reference=init` sits beside the default demo
                                instead of colliding with it
 Rerunning resumes (finished runs are only re-read).
 """
@@ -152,6 +153,7 @@ def run_demo(quick: bool = False, seeds=None, folder: str | None = None, overrid
     folder = folder or default_dir()
     seeds = list(seeds if seeds is not None else ((0,) if quick else FULL_SEEDS))
     t_start = time.perf_counter()
+    t = get_task(task)
     paths = build_task(folder, task)
     t0 = time.perf_counter()
     sft_model = build_sft_model(paths, folder, overrides)
@@ -161,7 +163,7 @@ def run_demo(quick: bool = False, seeds=None, folder: str | None = None, overrid
         mode += "-" + hashlib.sha256("\n".join(overrides).encode()).hexdigest()[:8]
     per_seed, times, selected = {}, {}, {}
     for s in seeds:
-        cfg = demo_config(paths, os.path.join(folder, task, mode, f"seed_{s}"), s, quick, overrides, sft_model)
+        cfg = demo_config(paths, os.path.join(folder, t.version, mode, f"seed_{s}"), s, quick, overrides, sft_model)
         t0 = time.perf_counter()
         metrics = run(cfg)
         times[s] = time.perf_counter() - t0
@@ -173,15 +175,14 @@ def run_demo(quick: bool = False, seeds=None, folder: str | None = None, overrid
     summary_rows = summarise_seeds(per_seed)
     if len(seeds) > 1:
         print(f"\n[{task}] " + format_summary(summary_rows, seeds))
-    t = get_task(task)
     demos = t.exact_rate(json.loads(line) for line in open(paths["sft"]))
-    sft_eval = os.path.join(folder, task, mode, f"seed_{seeds[0]}", "sft", "eval.json")
+    sft_eval = os.path.join(folder, t.version, mode, f"seed_{seeds[0]}", "sft", "eval.json")
     sft_exact = read_json(sft_eval).get("eval/exact_rate") if os.path.exists(sft_eval) else None
     if sft_exact is not None:
         print(f"[{task}] the SFT model answers exactly on {sft_exact:.1%} of held-out prompts (sampling, T="
               f"{cfg.eval.temperature}); its demonstrators did on {demos:.1%}")
     total = time.perf_counter() - t_start
-    out_dir = os.path.join(folder, task, mode)
+    out_dir = os.path.join(folder, t.version, mode)
     print(f"\n[{task}] total {total:.0f} s this call ({mode} demo, seeds {seeds}; SFT model {sft_seconds:.0f} s); "
           f"results in {out_dir}")
     summary = {"task": task, "mode": mode, "overrides": list(overrides or []), "seeds": seeds, "sft_model": sft_model,

@@ -68,9 +68,9 @@ def test_spa_demo_command(tmp_path, capsys):
     for row in ("SFT", "DPO on seed", "SPA iter 1", "mean ± std over seeds [0, 1]", "win rate vs SFT",
                 "judge acc"):
         assert row in out
-    runs = [d for d in os.listdir(tmp_path / "reverse") if d.startswith("quick")]
+    runs = [d for d in os.listdir(tmp_path / "reverse-v1") if d.startswith("quick")]
     assert len(runs) == 1 and runs[0].startswith("quick-")  # --set overrides: runs of their own, keyed by them
-    run_dir = tmp_path / "reverse" / runs[0]
+    run_dir = tmp_path / "reverse-v1" / runs[0]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["overrides"] == tiny and summary["mode"] == runs[0] and summary["task"] == "reverse"
     assert summary["seeds"] == [0, 1] and [r["model"] for r in summary["mean_std"]] == \

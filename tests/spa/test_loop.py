@@ -96,6 +96,12 @@ def test_validation_values(uninterrupted):
         assert (got["val/reward_accuracy_ci_low"], got["val/reward_accuracy_ci_high"]) == \
             pytest.approx(wilson_interval(sum(wins), 4))
         assert got["val/reward_margin"] == pytest.approx(sum(c - r for c, r in scores) / 4, abs=1e-5)
+        own = ImplicitRewardJudge(model, None, enc, beta=1.0).score(rows)  # the model's own summed log-probs
+        n_tok = [[len(enc.encode_response(y)) for y in r["responses"]] for r in rows]
+        assert got["val/logp_accuracy"] == pytest.approx(sum(pairwise_win(c, r) for c, r in own) / 4)
+        per_tok = [(c / nc, r / nr) for (c, r), (nc, nr) in zip(own, n_tok)]
+        assert got["val/logp_per_token_accuracy"] == pytest.approx(sum(pairwise_win(c, r) for c, r in per_tok) / 4)
+        assert got["val/chosen_logp_per_token"] == pytest.approx(sum(c for c, _ in per_tok) / 4, abs=1e-5)
         if i == 0:  # the judge of iteration 1 is pi_0's implicit reward: judged on the same pairs
             judge = read_json(lay.stage_metrics("iter_1", "judge"))
             same = sum(pairwise_win(c, r) for c, r in ImplicitRewardJudge(model, init, enc,
@@ -144,6 +150,10 @@ def test_single_stages_from_the_cli(uninterrupted, tmp_path):
     assert read_jsonl(lay.pairs(1)) == pairs  # the same pairs again: the judge is deterministic
     assert main(["eval", str(path), "--sft"]) == 0  # done already: nothing to do
     assert main(["judge", str(path), "--iteration", "5"]) == 2  # no such stage in the plan
+    val = read_json(lay.validation(1))
+    os.remove(lay.validation(1))
+    assert main(["validate", str(path), "--iteration", "1"]) == 0
+    assert read_json(lay.validation(1)) == val
 
 
 def test_changed_config_is_refused(uninterrupted, tmp_path, capsys):

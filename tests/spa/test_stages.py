@@ -43,8 +43,9 @@ def test_stages_one_by_one(run_with_sft):
     # iteration 0: DPO on the seed, reference pi_init, log-probs precomputed (no reference model while training)
     spa.run_train(cfg, 0)
     m0 = read_json(lay.stage_metrics("iter_0", "train"))
+    # 25% of the 16 seed pairs are held out for validation
     assert m0["train/pairs"] == 12 and m0["train/steps"] == 3 and m0["train/loss_type"] == "sigmoid"
-    assert m0["data/seed_pairs"] == 12 and m0["data/validation_pairs"] == 4 and m0["train/tokens_per_s"] > 0  # 25% held out
+    assert m0["data/seed_pairs"] == 12 and m0["data/validation_pairs"] == 4 and m0["train/tokens_per_s"] > 0
     logged = read_jsonl(lay.path("iter_0", "train_log.jsonl"))
     trl_names = {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                  "logps/rejected"}
