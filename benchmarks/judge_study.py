@@ -177,6 +177,8 @@ def returned(run: list[dict], metric: str, patience: int) -> dict:
     """The row loop.select=best returns with this metric and patience, replaying the loop's early stop."""
     from spa.validation import LOWER_IS_BETTER, choose_iteration
 
+    if run[0].get(metric) is None:  # no validation (dpo-all-gold): the run returns its last model
+        return run[-1]
     values = {}
     for r in run:
         values[r["iteration"]] = r[metric]
@@ -288,6 +290,9 @@ def main(argv=None) -> None:
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (each one thread)")
     p.add_argument("--dir", default=None, help="demo folder (default: spa demo's)")
     p.add_argument("--report-only", action="store_true", help="only read finished runs")
+    p.add_argument("--selection-metric", default=None, choices=METRICS,
+                   help="the validation metric the 'returned' columns replay (default: loop.selection_metric's)")
+    p.add_argument("--patience", type=int, default=None, help="the patience they replay (default: loop.patience's)")
     p.add_argument("--one", nargs=3, metavar=("TASK", "VARIANT", "SEED"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     folder = args.dir or default_dir()
@@ -300,6 +305,8 @@ def main(argv=None) -> None:
         run_all(folder, args.tasks, args.variants, args.seeds, quick, args.jobs)
     device = torch.device("cpu")
     loop = LoopConfig()
+    loop.selection_metric = args.selection_metric or loop.selection_metric
+    loop.patience = loop.patience if args.patience is None else args.patience
     rows = collect(folder, args.tasks, args.variants, args.seeds, quick)
     summary = summarise(rows, loop.selection_metric, loop.patience)
     print_table(summary, ["task", "variant", "seeds", "win_last", "win_last_std", "win_returned", "win_returned_std",
