@@ -392,7 +392,8 @@ def _coerce(value, tp, key: str, where: str):
                 return _coerce(value, a, key, where)
             except ConfigError as e:
                 errors.append(e)
-        raise bad()
+        finite = [e for e in errors if "must be a finite number" in str(e)]  # the right type, a wrong value
+        raise finite[0] if finite else bad()
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key} must be one of {list(args)}{where}, got {value!r}")
