@@ -88,6 +88,23 @@ def _set_max_jobs():
     os.environ["MAX_JOBS"] = str(jobs)
 
 
+# Rough compile times on a few cores, for the notice printed before compiling (pip shows nothing meanwhile unless
+# run with -v): the C++ CPU kernels take a minute or two; nvcc takes a few minutes per CUDA arch.
+CPU_MINUTES = (1, 2)
+CUDA_MINUTES_PER_ARCH = (2, 4)
+
+
+def _compile_notice(parts) -> str:
+    lo, hi = CPU_MINUTES if "cpu" in parts else (0, 0)
+    what = ["the C++ CPU kernels"] if "cpu" in parts else []
+    if "cuda" in parts:
+        archs = _cuda_archs()[0]
+        lo, hi = lo + CUDA_MINUTES_PER_ARCH[0] * len(archs), hi + CUDA_MINUTES_PER_ARCH[1] * len(archs)
+        what.append(f"the CUDA kernels for {len(archs)} arch(s) ({';'.join(archs)}; SPA_CUDA_ARCHS picks them)")
+    return (f"compiling {' and '.join(what)}: about {lo}-{hi} min with MAX_JOBS={os.environ.get('MAX_JOBS', '?')} "
+            "(SPA_SKIP_CUDA_BUILD=1 / SPA_SKIP_CPU_BUILD=1 skip a part)")
+
+
 def _extensions():
     try:
         import torch
@@ -154,6 +171,7 @@ def _cmdclass():
         def build_extension(self, ext):
             parts = getattr(ext, "_spa_parts", ())
             _status["attempted"] = list(parts)
+            _log(_compile_notice(parts))
             try:
                 super().build_extension(ext)
                 _status["built"] = list(parts)
@@ -164,7 +182,7 @@ def _cmdclass():
                 _status["failed"]["+".join(parts)] = err[-2000:]
             fallback = getattr(ext, "_spa_cpu_fallback", None)
             if fallback is not None:
-                _log("retrying with the CPU kernels only")
+                _log("retrying with the CPU kernels only; " + _compile_notice(("cpu",)))
                 try:
                     super().build_extension(fallback)
                     _status["built"] = ["cpu"]

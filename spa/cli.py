@@ -5,7 +5,12 @@
     spa sft CONFIG.yaml                                      single stages, same config keys
     spa generate | judge | train | validate CONFIG.yaml --iteration I
     spa eval CONFIG.yaml (--iteration I | --sft)
-    spa config [CONFIG.yaml]                                 print the resolved config (defaults + file + --set)
+    spa config [CONFIG.yaml] [--explain]                     print the resolved config (defaults + file + --set);
+                                                             --explain: every key's type, default and meaning
+    spa --version
+
+Only argument parsing happens before a command runs: torch and transformers are imported by the commands that
+need them, so `spa --help` and `spa config` answer at once.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import math
 import os
 import sys
 
+from . import __version__
 from .config import Config, ConfigError
 from .data import DataError
 from .tasks import TASK_NAMES
@@ -82,6 +88,7 @@ def set_threads() -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spa", description="Self-annotated preference alignment (SPA).")
+    p.add_argument("--version", action="version", version=f"spa {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(name, help, config_required=True):
@@ -105,7 +112,9 @@ def _parser() -> argparse.ArgumentParser:
     g = sp.add_mutually_exclusive_group(required=True)
     g.add_argument("--iteration", type=int)
     g.add_argument("--sft", action="store_true", help="evaluate pi_init (the baseline)")
-    with_config("config", "print the resolved config", config_required=False)
+    sp = with_config("config", "print the resolved config", config_required=False)
+    sp.add_argument("--explain", action="store_true",
+                    help="list every key (section.key) with its type, default and meaning")
     sp = sub.add_parser("demo", help="the built-in offline task end to end (3 seeds; --quick: 1 seed, shorter)")
     sp.add_argument("--quick", action="store_true", help="one seed, two SPA iterations (a few minutes on a CPU)")
     sp.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default: 0 1 2, or 0 with --quick)")
@@ -120,25 +129,41 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s spa %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    if args.command == "config":  # no torch needed
+        try:
+            cfg = Config.load(args.config, args.overrides) if args.config else Config.from_dict({}, args.overrides)
+        except ConfigError as e:
+            print(f"spa: error: {e}", file=sys.stderr)
+            return 2
+        if args.explain:
+            from .config import explain
+
+            print(explain(cfg if (args.config or args.overrides) else None), end="")
+        else:
+            print(cfg.to_yaml(), end="")
+        return 0
     from . import loop  # heavy imports (torch, transformers) after argument parsing
     from .io import OutputDirLocked, output_dir_lock
     from .preflight import preflight
+    from .report import quiet_transformers
     from .train import NonFiniteError
 
+    quiet_transformers()
     try:
-        if args.command != "config":
-            set_threads()
+        set_threads()
         if args.command == "demo":
             from .tasks.demo import run_demo
 
             run_demo(quick=args.quick, seeds=args.seeds, folder=args.dir, overrides=args.overrides, task=args.task)
             return 0
         cfg = Config.load(args.config, args.overrides) if args.config else Config.from_dict({}, args.overrides)
-        if args.command == "config":
-            print(cfg.to_yaml(), end="")
-            return 0
         if args.command == "run":
-            loop.run(cfg, until=args.until)
+            from .plots import plot_run
+            from .report import run_summary
+
+            metrics = loop.run(cfg, until=args.until)
+            print("\n" + run_summary(cfg.output_dir, cfg.loop.iterations, metrics,
+                                     plot_run(cfg.output_dir, cfg.loop.iterations)))
             return 0
         if args.command == "sft":
             name = "sft"

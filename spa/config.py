@@ -69,15 +69,21 @@ class SFTConfig:
 class DataConfig:
     seed: str | None = _f(None, "gold-labelled seed preferences: JSONL/JSON path or datasets name")
     seed_split: str = _f("train_prefs", "split for a datasets name")
-    seed_size: float = _f(0.033, "seed pairs taken (seeded shuffle): a fraction (<= 1) of data.seed or a count")
-    validation_size: float = _f(0.25, "part of the seed held out of training as gold validation (the judge's and "
+    seed_size: int | float = _f(0.033, "seed pairs taken (seeded shuffle): a fraction (<= 1) of data.seed or a "
+                                       "count")
+    validation_size: int | float = _f(0.25, "part of the seed held out of training as gold validation (the judge's and "
                                       "each iteration's check, and loop.select): a fraction (< 1) of the seed pairs "
                                       "or a count; 0 turns validation off")
     prompts: str | None = _f(None, "unlabelled prompt pool for the iterations (default: the prompts of data.seed "
                                    "not taken into the seed)")
     prompts_split: str = _f("train_prefs", "split for a datasets name")
-    iteration_prompts: list[float] = _f([8000.0, 20000.0, 30000.0], "prompts per iteration, disjoint slices of the "
-                                                              "shuffled pool: counts, or fractions (<= 1) of it")
+    iteration_prompts: list[int | float] = _f([8000, 20000, 30000], "prompts per iteration, disjoint slices of the "
+                                                               "shuffled pool: counts, or fractions (<= 1) of it "
+                                                               "(the last size repeats for further iterations)")
+    iteration_prompt_files: list[str] = _f([], "instead of slicing one pool: one prompt file (JSONL/JSON path or "
+                                               "datasets name, split data.prompts_split) per iteration, used whole "
+                                               "in file order (duplicates and the seed's prompts removed); needs "
+                                               "at least loop.iterations files; excludes data.prompts")
     max_prompt_length: int = _f(512, "prompt tokens (chat template applied) allowed")
     long_prompts: Literal["skip", "truncate"] = _f("skip", "a longer prompt is skipped, or truncated keeping its "
                                                           "last max_prompt_length tokens; counted either way")
@@ -260,9 +266,55 @@ class Config:
 
     def fingerprint(self) -> str:
         """Hash of the settings that determine a run's results (output_dir excluded: a moved run still resumes)."""
-        d = Config.from_dict(self.to_dict()).to_dict()  # values coerced as a loaded file's are (8000 -> 8000.0)
+        d = Config.from_dict(self.to_dict()).to_dict()  # values coerced as a loaded file's are (8000.0 -> 8000)
         d.pop("output_dir")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def keys() -> list[tuple[str, Any, Any, str]]:
+    """(section.key, type annotation, default, help) for every config key, in the order of the YAML file."""
+    out = []
+
+    def walk(cls, prefix: str):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                walk(tp, f"{prefix}{f.name}.")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            out.append((prefix + f.name, tp, default, f.metadata.get("help", "")))
+
+    walk(Config, "")
+    return out
+
+
+def explain(cfg: Config | None = None, width: int = 100) -> str:
+    """Every config key with its type, default and meaning (`spa config --explain`); with cfg, also the value it
+    has there when that differs from the default."""
+    import textwrap
+
+    flat = {}
+    if cfg is not None:
+        def flatten(d, prefix=""):
+            for k, v in d.items():
+                if isinstance(v, dict) and prefix + k + "." in sections:
+                    flatten(v, prefix + k + ".")
+                else:
+                    flat[prefix + k] = v
+        sections = {k.rsplit(".", 1)[0] + "." for k, *_ in keys() if "." in k}
+        flatten(cfg.to_dict())
+    lines, section = [], None
+    for key, tp, default, help in keys():
+        sec = key.split(".")[0] if "." in key else ""
+        if sec != section:
+            section = sec
+            lines.append(f"\n{sec}:" if sec else "(top level)")
+        shown = json.dumps(default)
+        here = f"; here: {json.dumps(flat[key])}" if key in flat and flat[key] != default else ""
+        lines.append(f"  {key}  ({_type_name(tp)}; default {shown}{here})")
+        lines += textwrap.wrap(help, width=width, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines).lstrip("\n") + "\n"
 
 
 def diff(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -343,7 +395,8 @@ def _coerce(value, tp, key: str, where: str):
                 return _coerce(value, a, key, where)
             except ConfigError as e:
                 errors.append(e)
-        raise bad()
+        finite = [e for e in errors if "must be a finite number" in str(e)]  # the right type, a wrong value
+        raise finite[0] if finite else bad()
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key} must be one of {list(args)}{where}, got {value!r}")
@@ -392,15 +445,20 @@ def _coerce(value, tp, key: str, where: str):
 def _type_name(tp) -> str:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        names = [_type_name(a) for a in args if a is not type(None)]
+        real = [a for a in args if a is not type(None)]
+        if set(real) == {int, float}:  # counts or fractions
+            return "a number" + (" or null" if type(None) in args else "")
+        names = [_type_name(a) for a in real]
         return " or ".join(names) + (" or null" if type(None) in args else "")
     if origin is list:
-        return f"a list of {_type_name(args[0])}"
+        one = _type_name(args[0])
+        return "a list of " + {"a number": "numbers", "a string": "strings", "an integer": "integers"}.get(one, one)
     if origin is dict:
         return "a mapping"
     if origin is Literal:
         return f"one of {list(args)}"
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string", Any: "any value"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
 
 
 def _check(cond: bool, key: str, msg: str):
@@ -422,6 +480,13 @@ def _validate(c: Config) -> None:
            f"must be a fraction <= 1 or a whole count, got {c.data.seed_size}")
     _check(len(c.data.iteration_prompts) >= 1 and all(x > 0 for x in c.data.iteration_prompts),
            "data.iteration_prompts", "must be a non-empty list of positive counts or fractions")
+    _check(not (c.data.iteration_prompt_files and c.data.prompts), "data.iteration_prompt_files",
+           "and data.prompts are alternatives: set one of them")
+    _check(not c.data.iteration_prompt_files or len(c.data.iteration_prompt_files) >= c.loop.iterations,
+           "data.iteration_prompt_files", f"has {len(c.data.iteration_prompt_files)} file(s) but loop.iterations is "
+           f"{c.loop.iterations}: give one prompt file per iteration")
+    _check(all(isinstance(f, str) and f for f in c.data.iteration_prompt_files), "data.iteration_prompt_files",
+           "must hold non-empty paths")
     _check(c.data.max_prompt_length >= 1, "data.max_prompt_length", "must be >= 1")
     _check(c.data.validation_size >= 0 and (c.data.validation_size < 1 or float(c.data.validation_size).is_integer()),
            "data.validation_size", f"must be 0, a fraction < 1 or a whole count, got {c.data.validation_size}")

@@ -243,7 +243,9 @@ def seed_and_pools(cfg) -> SeedData:
     The seed is a seeded random data.seed_size of data.seed; data.validation_size of it (a fraction, or a count) is
     held out as validation and never trained on. The pool is data.prompts (default: the prompts of data.seed)
     minus every prompt of the seed (validation included), shuffled, then cut into data.iteration_prompts slices
-    (the last slice size repeats when loop.iterations is larger)."""
+    (the last slice size repeats when loop.iterations is larger). With data.iteration_prompt_files, iteration i's
+    prompts are instead the i-th file, whole and in order, minus the seed's prompts and those of earlier files.
+    Held-out prompts (eval.prompts, eval.pairs) that are also training prompts are counted and warned about."""
     d = cfg.data
     if not d.seed:
         raise DataError("data.seed is not set: the gold-labelled seed preferences are required")
@@ -261,29 +263,101 @@ def seed_and_pools(cfg) -> SeedData:
                         "on; lower data.validation_size or raise data.seed_size")
     seed, validation = seed[:n_seed - n_val], seed[n_seed - n_val:]
     info = {**stats.as_metrics("data/seed"), "data/seed_pairs": len(seed), "data/validation_pairs": len(validation)}
+    seen = {p["id"] for p in seed + validation}
+    if d.iteration_prompt_files:
+        pools = _pools_from_files(cfg, seen, info)
+    else:
+        pools = _pools_from_one_pool(cfg, pairs, order[n_seed:], seen, info)
+    info.update(held_out_overlap(cfg, seed + validation, pools))
+    return SeedData(seed, validation, pools, info)
+
+
+def _pools_from_one_pool(cfg, pairs: list[dict], rest: list[int], seen: set[str], info: dict) -> list[list[dict]]:
+    """data.iteration_prompts slices of the shuffled pool (data.prompts, or the prompts of data.seed outside the
+    seed), duplicates and the seed's prompts removed."""
+    d = cfg.data
     if d.prompts:
         prompts, pstats = load_prompts(d.prompts, d.prompts_split, d.skip_invalid)
         info.update(pstats.as_metrics("data/prompts"))
+        where = f"data.prompts ({d.prompts}: {len(prompts)} prompts)"
     else:
-        prompts = [{"id": p["id"], "prompt": p["prompt"]} for p in (pairs[i] for i in order[n_seed:])]
-    seen, pool = {p["id"] for p in seed + validation}, []
+        prompts = [{"id": p["id"], "prompt": p["prompt"]} for p in (pairs[i] for i in rest)]
+        where = (f"the prompts of data.seed outside the seed ({d.seed}: {len(pairs)} pairs, {len(pairs) - len(rest)} "
+                 "taken by data.seed_size; set data.prompts for a pool of its own)")
+    pool, dup = [], 0
     for p in prompts:  # unique prompts not in the seed
-        if p["id"] not in seen:
-            seen.add(p["id"])
-            pool.append(p)
+        if p["id"] in seen:
+            dup += 1
+            continue
+        seen.add(p["id"])
+        pool.append(p)
     random.Random(f"{cfg.seed}/pool").shuffle(pool)
     sizes = list(d.iteration_prompts)
     sizes += [sizes[-1]] * max(0, cfg.loop.iterations - len(sizes))
     counts = [_count(s, len(pool)) for s in sizes[:cfg.loop.iterations]]
     if sum(counts) > len(pool):
-        raise DataError(f"data.iteration_prompts asks for {sum(counts)} prompts over {cfg.loop.iterations} "
-                        f"iteration(s) but the pool has {len(pool)} (after removing the seed's prompts)")
+        raise DataError(
+            f"data.iteration_prompts asks for {sum(counts)} prompts ({' + '.join(map(str, counts))} over "
+            f"loop.iterations={cfg.loop.iterations}) but the prompt pool holds {len(pool)} distinct prompts: "
+            f"{where}, {dup} of them repeated or among the seed's prompts. Lower data.iteration_prompts (counts, or "
+            "fractions of the pool such as [0.3, 0.7]) or loop.iterations, or give more prompts (data.prompts, or "
+            "one file per iteration with data.iteration_prompt_files)")
     pools, start = [], 0
     for c in counts:
         pools.append(pool[start:start + c])
         start += c
     info["data/pool_prompts"] = len(pool)
-    return SeedData(seed, validation, pools, info)
+    return pools
+
+
+def _pools_from_files(cfg, seen: set[str], info: dict) -> list[list[dict]]:
+    """One pool per iteration from data.iteration_prompt_files, each file whole in its order; a prompt of the seed
+    or of an earlier iteration's file is dropped (and counted)."""
+    d, pools = cfg.data, []
+    for k, source in enumerate(d.iteration_prompt_files[:cfg.loop.iterations]):
+        prompts, pstats = load_prompts(source, d.prompts_split, d.skip_invalid)
+        pool = []
+        for p in prompts:
+            if p["id"] not in seen:
+                seen.add(p["id"])
+                pool.append(p)
+        if not pool:
+            raise DataError(f"data.iteration_prompt_files[{k}] ({source}): none of its {len(prompts)} prompts is "
+                            f"left for iteration {k + 1} after removing the seed's prompts and those of earlier files")
+        pools.append(pool)
+        info.update({**pstats.as_metrics(f"data/prompts_iter_{k + 1}"),
+                     f"data/prompts_iter_{k + 1}_dropped": len(prompts) - len(pool)})
+    info["data/pool_prompts"] = sum(len(p) for p in pools)
+    return pools
+
+
+_warned: set[str] = set()
+
+
+def held_out_overlap(cfg, seed_pairs: list[dict], pools: list[list[dict]]) -> dict:
+    """How many held-out prompts (eval.prompts, eval.pairs) are also training prompts (the seed pairs, validation
+    included, or an iteration's prompts); warns once per process and source when any is. An evaluation on
+    prompts the model trained on is not held out."""
+    train = {p["id"] for p in seed_pairs} | {p["id"] for pool in pools for p in pool}
+    out = {}
+    for key, source, split, loader in (("eval.prompts", cfg.eval.prompts, cfg.eval.prompts_split, load_prompts),
+                                       ("eval.pairs", cfg.eval.pairs, cfg.eval.pairs_split, load_pairs)):
+        if not source:
+            continue
+        try:
+            rows, _ = loader(source, split, cfg.data.skip_invalid)
+        except DataError:  # reported by the eval stage itself
+            continue
+        rows = rows[:cfg.eval.max_prompts] if cfg.eval.max_prompts else rows
+        n = sum(r["id"] in train for r in rows)
+        out[f"data/{key.replace('.', '_')}_overlap"] = n
+        msg = (f"{key}: {n} of the {len(rows)} held-out prompts used ({source}) are also training prompts (the seed "
+               "pairs or the iterations' prompts): the evaluation is not held out for them; remove them from "
+               f"{key} or from the training data")
+        if n and msg not in _warned:
+            _warned.add(msg)
+            logger.warning(msg)
+    return out
 
 
 # --- prompts to tokens ----------------------------------------------------------------------------------------
@@ -300,6 +374,10 @@ class PromptEncoder:
         else:
             self.template = chat_template or getattr(tokenizer, "chat_template", None)
         self.skipped = self.truncated = 0
+        self.unk_id = getattr(tokenizer, "unk_token_id", None)
+        self.unknown_tokens = self.texts_with_unknown = 0
+        self.unknown_examples: dict[str, int] = {}  # text that became the unknown token -> how often
+        self._warned_unknown = False
 
     def unlimited(self) -> PromptEncoder:
         """The same template and tokenizer without the length rule (for judge prompts built from prompts that
@@ -316,6 +394,7 @@ class PromptEncoder:
         """Token ids of the prompt, or None when the long-prompt rule skips it."""
         text = self.render(messages)
         ids = self.tokenizer(text, add_special_tokens=self.template is None).input_ids
+        self._note_unknown(text, ids)
         if len(ids) > self.max_len:
             if self.rule == "skip":
                 self.skipped += 1
@@ -327,11 +406,44 @@ class PromptEncoder:
     def encode_response(self, text: str) -> list[int]:
         """Response token ids followed by EOS (as TRL does for chosen/rejected)."""
         ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        self._note_unknown(text, ids)
         eos = self.tokenizer.eos_token_id
         return ids + ([eos] if eos is not None else [])
 
+    def _note_unknown(self, text: str, ids: list[int]) -> None:
+        """Counts tokens that are the tokenizer's unknown token (text the model can neither see nor write) and,
+        for the warning, which pieces of text they stand for."""
+        if self.unk_id is None or self.unk_id not in ids:
+            return
+        n = ids.count(self.unk_id)
+        self.unknown_tokens += n
+        self.texts_with_unknown += 1
+        if len(self.unknown_examples) < 20 and getattr(self.tokenizer, "is_fast", False):
+            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            for i, (a, b) in zip(enc.input_ids, enc.offset_mapping):
+                if i == self.unk_id and b > a:
+                    self.unknown_examples[text[a:b]] = self.unknown_examples.get(text[a:b], 0) + 1
+
+    def unknown_warning(self) -> str | None:
+        """The warning about text mapped to the unknown token, or None when there was none."""
+        if not self.unknown_tokens:
+            return None
+        top = sorted(self.unknown_examples.items(), key=lambda kv: -kv[1])[:8]
+        shown = ", ".join(f"{t!r} x{n}" for t, n in top)
+        unk = getattr(self.tokenizer, "unk_token", "the unknown token")
+        return (f"{self.unknown_tokens} token(s) in {self.texts_with_unknown} text(s) became the tokenizer's unknown "
+                f"token {unk}" + (f" (e.g. {shown})" if shown else "") + ": the model cannot read or write these "
+                "characters; use a tokenizer that covers the data (a character tokenizer: "
+                "spa.tasks.chartok.char_tokenizer(chartok.data_chars(files)))")
+
     def metrics(self) -> dict:
-        return {"data/prompts_skipped_long": self.skipped, "data/prompts_truncated": self.truncated}
+        """Counts for the stage's metrics; logs the unknown-token warning (once per encoder)."""
+        msg = self.unknown_warning()
+        if msg and not self._warned_unknown:
+            self._warned_unknown = True
+            logger.warning(msg)
+        return {"data/prompts_skipped_long": self.skipped, "data/prompts_truncated": self.truncated,
+                "data/unknown_tokens": self.unknown_tokens, "data/texts_with_unknown_tokens": self.texts_with_unknown}
 
 
 def prompt_text(messages: Messages) -> str:

@@ -104,7 +104,7 @@ def run_eval(cfg, iteration: int | None) -> str:
 
     atomic_write_json(lay.eval(name), result)
     remove_partial(lay.partial(name, "eval"))
-    logger.info("eval %s: %s", name, {k: round(v, 4) for k, v in result.items() if isinstance(v, float)})
+    logger.debug("eval %s: %s", name, {k: round(v, 4) for k, v in result.items() if isinstance(v, float)})
     return lay.eval(name)
 
 

@@ -28,6 +28,7 @@ from .generate import run_generate
 from .io import Layout, atomic_write_json, atomic_write_text, output_dir_lock, read_json
 from .judges import run_judge
 from .preflight import preflight
+from .report import stage_line
 from .train import run_sft, run_train
 from .validation import Selection, run_validate, select_iteration
 
@@ -128,7 +129,15 @@ def run_stage(cfg: Config, stage: Stage) -> bool:
     t0 = time.perf_counter()
     stage.fn()
     _record(cfg, stage, time.perf_counter() - t0)
+    logger.info(stage_line(stage.name, _stage_numbers(cfg, stage), time.perf_counter() - t0))
     return True
+
+
+def _stage_numbers(cfg: Config, stage: Stage) -> dict:
+    """The recorded metrics of a finished stage (an eval stage's: its eval.json)."""
+    if stage.name.endswith("/eval"):
+        return read_json(stage.output)
+    return read_json(Layout(cfg.output_dir).metrics)["stages"].get(stage.name, {})
 
 
 def run(cfg: Config, until: str | None = None) -> dict:
@@ -167,7 +176,7 @@ def _run_locked(cfg: Config, stages: list[Stage], until: str | None) -> dict:
         record_selection(cfg, selection)
     table = results_table(cfg.output_dir, cfg.loop.iterations)
     if table:
-        logger.info("results\n%s", format_table(table))
+        logger.debug("results\n%s", format_table(table))
     return read_json(lay.metrics) if os.path.exists(lay.metrics) else {}
 
 

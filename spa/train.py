@@ -31,6 +31,7 @@ from collections import defaultdict
 import torch
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 import spa_kernels as sk
 
@@ -156,6 +157,55 @@ class FiniteGuard:
     def _save_checkpoint(self, model, trial):
         self.check_weights()
         super()._save_checkpoint(model, trial)
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        # A checkpoint of a model with tied weights (lm_head.weight = embed_tokens.weight) stores the shared tensor
+        # once, so resuming reports the other name as missing although nothing is: re-tie and drop those names.
+        tied = tied_parameter_names(self.model)
+        benign = [k for k in load_result.missing_keys if k in tied]
+        if benign:
+            self.model.tie_weights()
+            load_result = load_result._replace(missing_keys=[k for k in load_result.missing_keys if k not in tied])
+        super()._issue_warnings_after_load(load_result)
+
+
+def tied_parameter_names(model) -> set[str]:
+    """Names of parameters that share their tensor with another parameter of the model (tied weights)."""
+    by_tensor: dict[tuple, list[str]] = defaultdict(list)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_tensor[(p.data_ptr(), p.shape, p.device)].append(name)
+    return {n for names in by_tensor.values() if len(names) > 1 for n in names}
+
+
+class StageProgress(ProgressCallback):
+    """The Trainer's progress bar, labelled with the stage ("train iter_1") and the last logged loss, in place of
+    transformers' ProgressCallback / PrinterCallback, which print every log dict to stdout. The logs themselves
+    go to the stage's log file (iter_<i>/train_log.jsonl, sft/sft_log.jsonl)."""
+
+    def __init__(self, desc: str, disable: bool = False):
+        super().__init__()
+        self.desc, self.disable = desc, disable
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from tqdm.auto import tqdm
+
+        if state.is_world_process_zero:
+            self.training_bar = tqdm(total=state.max_steps, desc=self.desc, dynamic_ncols=True, leave=False,
+                                     unit="step", disable=self.disable)
+        self.current_step = 0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.4g}", refresh=False)
+        logger.debug("%s: %s", self.desc, logs)
+
+
+def quiet_progress(trainer: Trainer, desc: str) -> Trainer:
+    """Replaces the Trainer's printing callbacks by a StageProgress bar labelled `desc`."""
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(StageProgress(desc, disable=bool(trainer.args.disable_tqdm)))
+    return trainer
 
 
 class SFTTrainer(FiniteGuard, Trainer):
@@ -405,6 +455,7 @@ def run_train(cfg, iteration: int) -> str:
                                 dlma_gamma=t.dlma_gamma, kernel_impl=t.kernel_impl,
                                 callbacks=[CrashPointCallback("train")])
     trainer.stage = f"{name}/train"
+    quiet_progress(trainer, f"train {name}")
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=last_checkpoint(partial))
     seconds = time.perf_counter() - t0
@@ -476,6 +527,7 @@ def run_sft(cfg) -> str:
     trainer = SFTTrainer(model=model, args=args, train_dataset=ListDataset(feats), data_collator=SFTCollator(
         tok.pad_token_id), processing_class=tok, callbacks=[CrashPointCallback("sft")])
     trainer.stage = "sft"
+    quiet_progress(trainer, "sft")
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=last_checkpoint(partial))
     metrics = {**stats.as_metrics("data/sft"), **enc.metrics(), "sft/examples": len(feats),

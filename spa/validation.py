@@ -162,19 +162,17 @@ def select_iteration(cfg, last: int) -> Selection:
     the loop stops early there (loop.patience iterations in a row without a better validation metric)."""
     lay = Layout(cfg.output_dir)
     lp = cfg.loop
-    if lp.select == "last" or cfg.data.validation_size == 0:
-        why = "loop.select=last" if lp.select == "last" else "no validation pairs (data.validation_size=0)"
-        return Selection(last, lay.model(last), "last", None, None, {}, False,
-                         f"returns iter_{last}/model ({model_label(last)}), the last iteration ({why})")
     key = f"val/{lp.selection_metric}"
     values = {}
     for i in range(last + 1):
-        path = lay.validation(i)
+        path = lay.validation(i) if lp.select == "best" else ""
         if os.path.exists(path):
             values[i] = read_json(path)[key]
     if not values:
-        raise ValueError(f"no validation results in {cfg.output_dir} (iter_<i>/validation.json): run the "
-                         "validate stages first")
+        why = ("loop.select=last" if lp.select == "last" else "no validation pairs (data.validation_size=0)"
+               if cfg.data.validation_size == 0 else "no validate stage has run")
+        return Selection(last, lay.model(last), "last", None, None, {}, False,
+                         f"returns iter_{last}/model ({model_label(last)}), the last iteration ({why})")
     best, stopped = choose_iteration(values, lp.patience, lp.selection_metric in LOWER_IS_BETTER, lp.iterations)
     since = last - best
     v = read_json(lay.validation(best))

@@ -32,6 +32,7 @@ import yaml
 from ..config import Config
 from ..eval import format_table, results_table
 from ..io import atomic_dir, atomic_write_json, atomic_write_jsonl, commit_dir, read_json
+from ..plots import plot_results
 from . import TASK_NAMES, get_task
 from .chartok import char_tokenizer
 
@@ -191,4 +192,5 @@ def run_demo(quick: bool = False, seeds=None, folder: str | None = None, overrid
                "mean_std": summary_rows, "seconds_this_call": total, "seconds_sft_this_call": sft_seconds,
                "seconds_per_seed": times}
     atomic_write_json(os.path.join(out_dir, "summary.json"), summary)
+    plot_results(summary_rows, os.path.join(out_dir, "results.png"), f"{task} demo ({mode}), seeds {seeds}")
     return summary

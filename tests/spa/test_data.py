@@ -118,8 +118,10 @@ def test_long_prompt_rule_and_chat_template():
     trunc = PromptEncoder(tok, max_prompt_length=12, long_prompts="truncate")
     ids = trunc.encode(user("abcdefghijklmnop"))
     assert len(ids) == 12 and tok.decode(ids[-1:]) == "<|assistant|>"  # the last tokens are kept
-    assert enc.metrics() == {"data/prompts_skipped_long": 1, "data/prompts_truncated": 0}
-    assert trunc.metrics() == {"data/prompts_skipped_long": 0, "data/prompts_truncated": 1}
+    assert enc.metrics() == {"data/prompts_skipped_long": 1, "data/prompts_truncated": 0, "data/unknown_tokens": 0,
+                             "data/texts_with_unknown_tokens": 0}
+    assert trunc.metrics() == {"data/prompts_skipped_long": 0, "data/prompts_truncated": 1, "data/unknown_tokens": 0,
+                               "data/texts_with_unknown_tokens": 0}
     assert enc.encode_response("cba")[-1] == tok.eos_token_id
     plain = PromptEncoder(tok, 100, chat_template="none")
     assert plain.render(user("abc")) == "abc"
@@ -147,7 +149,8 @@ def test_seed_and_pools(task, tmp_path):
     assert len(counted) == 7 and len(val5) == 5
     with pytest.raises(DataError, match="holds out 12 of the 12 seed pairs"):
         seed_and_pools(cfg.replace(**{"data.validation_size": 12}))
-    with pytest.raises(DataError, match=r"asks for 170 prompts over 3 iteration\(s\) but the pool has 108"):
+    with pytest.raises(DataError, match=r"data.iteration_prompts asks for 170 prompts "
+                                        r"\(50 \+ 60 \+ 60 over loop.iterations=3\) but the prompt pool holds 108"):
         seed_and_pools(cfg.replace(**{"data.iteration_prompts": [50, 60]}))
     with pytest.raises(DataError, match="data.seed is not set"):
         seed_and_pools(Config())

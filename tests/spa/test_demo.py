@@ -88,6 +88,10 @@ def test_spa_demo_command(tmp_path, capsys):
     sft = [d for d in os.listdir(tmp_path) if d.startswith("sft-")]  # one SFT model, shared by the seeds
     assert len(sft) == 1 and summary["sft_model"] == str(tmp_path / sft[0] / "sft" / "model")
     assert not os.path.exists(run_dir / "seed_0" / "sft" / "model")
+    for noise in ("{'loss'", "'train_runtime'"):  # the Trainer's log dicts go to files, not to the screen
+        assert noise not in out
+    with open(run_dir / "results.png", "rb") as f:  # the plot beside summary.json
+        assert f.read(4) == b"\x89PNG"
     # rerunning re-reads the finished runs
     assert main(argv) == 0
     assert "SPA iter 1" in capsys.readouterr().out

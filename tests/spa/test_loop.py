@@ -190,7 +190,7 @@ def test_config_stored_by_an_older_spa(uninterrupted, tmp_path):
     del stored["data"]["validation_size"]
     with open(Layout(cfg.output_dir).config, "w") as f:
         yaml.safe_dump(stored, f)
-    with pytest.raises(ConfigMismatch, match=r"data\.validation_size: 0\.0 -> 0\.25"):
+    with pytest.raises(ConfigMismatch, match=r"data\.validation_size: 0 -> 0\.25"):
         check_config(cfg)
     check_config(cfg.replace(**{"data.validation_size": 0}))
     stored["data"]["validation_size"] = 0.25

@@ -108,10 +108,16 @@ def _all_finite(folder: str) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in load_file(os.path.join(folder, "model.safetensors")).values())
 
 
-def test_exploding_seed_dpo_stops_without_committing(run_with_sft, tmp_path, capsys):
+
+@pytest.fixture
+def whole_seed(run_with_sft):
+    """run_with_sft training on all 16 seed pairs (no validation hold-out): 4 optimizer steps of batch 4."""
+    return run_with_sft.replace(**{"data.validation_size": 0})
+
+def test_exploding_seed_dpo_stops_without_committing(whole_seed, tmp_path, capsys):
     from spa.train import NonFiniteError, run_train
 
-    cfg = run_with_sft.replace(**{"train.learning_rate": 1e30})  # one Adam step of 1e30 overflows the next forward
+    cfg = whole_seed.replace(**{"train.learning_rate": 1e30})  # one Adam step of 1e30 overflows the next forward
     lay = Layout(cfg.output_dir)
     with pytest.raises(NonFiniteError, match=r"^iter_0/train: non-finite (loss|grad norm|weights) \(.*\) at step "
                                              r"\d of 4"):
@@ -129,7 +135,7 @@ def test_exploding_seed_dpo_stops_without_committing(run_with_sft, tmp_path, cap
     assert "Traceback" not in err
 
 
-def test_nan_loss_names_the_step(run_with_sft, monkeypatch):
+def test_nan_loss_names_the_step(whole_seed, monkeypatch):
     from spa.train import NonFiniteError, PreferenceTrainer, run_train
 
     compute_loss = PreferenceTrainer.compute_loss
@@ -140,8 +146,8 @@ def test_nan_loss_names_the_step(run_with_sft, monkeypatch):
 
     monkeypatch.setattr(PreferenceTrainer, "compute_loss", nan_at_step_3)
     with pytest.raises(NonFiniteError, match=r"^iter_0/train: non-finite loss \(nan\) at step 3 of 4"):
-        run_train(run_with_sft, 0)
-    assert not os.path.exists(Layout(run_with_sft.output_dir).model(0))
+        run_train(whole_seed, 0)
+    assert not os.path.exists(Layout(whole_seed.output_dir).model(0))
 
 
 def test_exploding_sft_stops_without_committing(tiny_cfg):
@@ -153,7 +159,7 @@ def test_exploding_sft_stops_without_committing(tiny_cfg):
     assert not os.path.exists(Layout(cfg.output_dir).sft_model)
 
 
-def test_non_finite_weights_are_never_committed(run_with_sft, monkeypatch):
+def test_non_finite_weights_are_never_committed(whole_seed, monkeypatch):
     """Weights that turn NaN without a non-finite loss (here: after the last step) are caught before the commit."""
     import torch
 
@@ -170,13 +176,13 @@ def test_non_finite_weights_are_never_committed(run_with_sft, monkeypatch):
     monkeypatch.setattr(PreferenceTrainer, "train", poison_after_training)
     with pytest.raises(NonFiniteError, match=r"^iter_0/train: non-finite weights \(model\.embed_tokens\.weight\) "
                                              r"at step 4 of 4"):
-        run_train(run_with_sft, 0)
-    assert not os.path.exists(Layout(run_with_sft.output_dir).model(0))
+        run_train(whole_seed, 0)
+    assert not os.path.exists(Layout(whole_seed.output_dir).model(0))
 
 
 # --- 4. a damaged newest checkpoint -------------------------------------------------------------------------
 
-def test_damaged_newest_checkpoint_is_skipped(run_with_sft, monkeypatch, caplog):
+def test_damaged_newest_checkpoint_is_skipped(whole_seed, monkeypatch, caplog):
     """An interrupted seed DPO leaves checkpoint-2 and checkpoint-4; checkpoint-4's trainer_state.json is then
     emptied (as a crash while writing it leaves it): the rerun warns and resumes from checkpoint-2."""
     import spa.train
@@ -191,14 +197,14 @@ def test_damaged_newest_checkpoint_is_skipped(run_with_sft, monkeypatch, caplog)
 
     monkeypatch.setattr(spa.train, "crash_point", interrupt_at_second_save)
     with pytest.raises(KeyboardInterrupt):
-        run_train(run_with_sft, 0)
+        run_train(whole_seed, 0)
     monkeypatch.undo()
-    lay = Layout(run_with_sft.output_dir)
+    lay = Layout(whole_seed.output_dir)
     partial = lay.partial("iter_0", "train")
     assert sorted(os.listdir(partial)) >= ["checkpoint-2", "checkpoint-4"]
     open(os.path.join(partial, "checkpoint-4", "trainer_state.json"), "w").close()
     with caplog.at_level("WARNING", logger="spa"):
-        run_train(run_with_sft, 0)
+        run_train(whole_seed, 0)
     assert os.path.isdir(lay.model(0))
     assert any("checkpoint-4" in r.message and "trainer_state.json" in r.message for r in caplog.records)
 
