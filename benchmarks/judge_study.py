@@ -8,6 +8,7 @@ the demo's 3 iterations) and every iteration is trained, validated and evaluated
   paper           SPA's implicit reward, reference pi_init:  beta * (log pi_{i-1} - log pi_init)
   ref-previous    reference = the previous iteration's model (the paper's ablation)
   no-ref          no reference: beta * log pi_{i-1} (the paper's ablation)
+  no-ref-avg      no reference, log-prob averaged over response tokens (the model's per-token confidence)
   mix             half the reference: beta * (log pi_{i-1} - 0.5 log pi_init), the model's log-prob and the ratio
   token-avg       the paper's reward with log-probs averaged over response tokens
   length-regress  the paper's reward minus its least-squares fit on response length
@@ -51,6 +52,7 @@ VARIANTS = {
     "paper": [],
     "ref-previous": ["judge.reference=previous"],
     "no-ref": ["judge.reference=none"],
+    "no-ref-avg": ["judge.reference=none", "judge.token_average=true"],
     "mix": ["judge.reference_weight=0.5"],
     "token-avg": ["judge.token_average=true"],
     "length-regress": ["judge.length_regress=true"],

@@ -121,6 +121,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--dir", help="demo folder (default ~/.cache/spa/demo or $SPA_CACHE/demo)")
     sp.add_argument("--task", default="reverse", choices=[*TASK_NAMES, "all"],
                     help="built-in task (default reverse; all: each in turn)")
+    sp.add_argument("--no-paper-judge", dest="paper_judge", action="store_false",
+                    help="skip the side-by-side runs with the SPA paper's judge")
     sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override a value of the demo config")
     return p
@@ -154,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from .tasks.demo import run_demo
 
-            run_demo(quick=args.quick, seeds=args.seeds, folder=args.dir, overrides=args.overrides, task=args.task)
+            run_demo(quick=args.quick, seeds=args.seeds, folder=args.dir, overrides=args.overrides, task=args.task,
+                     paper_judge=args.paper_judge)
             return 0
         cfg = Config.load(args.config, args.overrides) if args.config else Config.from_dict({}, args.overrides)
         if args.command == "run":

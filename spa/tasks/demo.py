@@ -1,7 +1,8 @@
 """`spa demo`: build a built-in offline task and its SFT model (both cached), then per seed run the loop (DPO on
 the 3.3% gold seed, SPA iterations, validation, evaluation) and print SFT / DPO on seed / each SPA iteration with
 the oracle win rate against SFT, mean oracle score and length, and which model the run returns; over several
-seeds, mean and spread. `--task NAME` picks the task (spa.tasks: reverse, add, repeat), `--task all` runs each.
+seeds, mean and spread; then the same with the SPA paper's judge, side by side (`--no-paper-judge` skips it).
+`--task NAME` picks the task (spa.tasks: reverse, add, repeat), `--task all` runs each.
 
 Layout under the demo folder (default ~/.cache/spa/demo, or $SPA_CACHE/demo):
     task-<version>/            tokenizer/, sft.jsonl, prefs.jsonl, eval_prompts.jsonl, eval_pairs.jsonl
@@ -10,6 +11,8 @@ Layout under the demo folder (default ~/.cache/spa/demo, or $SPA_CACHE/demo):
                                <version> is the task's name and version, e.g. reverse-v1
     <version>/full/summary.json  the table's numbers per seed, their mean and standard deviation, the returned
                                model per seed, and run times
+    <version>/full/paper_judge/seed_<s>/  the same runs with the SPA paper's judge (PAPER_JUDGE), started from the
+                               default run's SFT evaluation and seed DPO (they do not depend on the judge)
     <version>/quick/...        the same for --quick
     <version>/full-<hash>/, <version>/quick-<hash>/  the same for runs with --set overrides (hash: the overrides),
                                so that e.g. `spa demo --set judge.reference=init` sits beside the default demo
@@ -23,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import statistics
 import time
 from importlib import resources
@@ -42,6 +46,9 @@ FULL_SEEDS = (0, 1, 2)
 SFT_SEED = 0  # one SFT model for all seeds, as in the paper (every run starts from the same pi_init)
 # --quick: one seed, two SPA iterations on smaller pools (the paper's 8K : 20K proportion kept), fewer eval prompts.
 QUICK = ["loop.iterations=2", "data.iteration_prompts=[400, 1000]", "eval.max_prompts=250"]
+# The SPA paper's judge, run beside the default recipe (same SFT model, seed DPO, settings) for comparison.
+PAPER_JUDGE = ["judge.type=implicit", "judge.reference=init", "judge.reference_weight=1.0",
+               "judge.token_average=false", "judge.length_regress=false"]
 METRICS = ("win_rate", "score", "exact", "length", "reward_acc", "val_acc", "judge_val_acc", "judge_acc")
 
 
@@ -143,12 +150,24 @@ def format_summary(rows: list[dict], seeds) -> str:
     return "\n".join(lines)
 
 
+def share_seed_dpo(source_run: str, run_dir: str) -> None:
+    """Starts run_dir from source_run's SFT evaluation and iteration 0 (DPO on the seed, its validation and
+    evaluation), which do not depend on the judge: a variant that differs only from iteration 1 on reuses them."""
+    if os.path.exists(run_dir):
+        return
+    tmp = atomic_dir(run_dir)
+    for part in ("sft", "iter_0"):
+        if os.path.isdir(os.path.join(source_run, part)):
+            shutil.copytree(os.path.join(source_run, part), os.path.join(tmp, part))
+    commit_dir(tmp, run_dir)
+
+
 def run_demo(quick: bool = False, seeds=None, folder: str | None = None, overrides: list[str] | None = None,
-             task: str = "reverse") -> dict:
+             task: str = "reverse", paper_judge: bool = True) -> dict:
     """Runs (or resumes) the demo on one built-in task, or every one with task="all"; prints and returns the
     summary (for "all": {task: summary})."""
     if task == "all":
-        return {t: run_demo(quick, seeds, folder, overrides, t) for t in TASK_NAMES}
+        return {t: run_demo(quick, seeds, folder, overrides, t, paper_judge) for t in TASK_NAMES}
     from ..loop import run
 
     folder = folder or default_dir()
@@ -162,35 +181,49 @@ def run_demo(quick: bool = False, seeds=None, folder: str | None = None, overrid
     mode = "quick" if quick else "full"
     if overrides:  # a different experiment: its own runs (the stored configs would otherwise be refused)
         mode += "-" + hashlib.sha256("\n".join(overrides).encode()).hexdigest()[:8]
-    per_seed, times, selected = {}, {}, {}
-    for s in seeds:
-        cfg = demo_config(paths, os.path.join(folder, t.version, mode, f"seed_{s}"), s, quick, overrides, sft_model)
-        t0 = time.perf_counter()
-        metrics = run(cfg)
-        times[s] = time.perf_counter() - t0
-        per_seed[s] = results_table(cfg.output_dir, cfg.loop.iterations)
-        selected[s] = metrics.get("selected")
-        print(format_table(per_seed[s], title=f"\n[{task}] seed {s} ({cfg.output_dir}, {times[s]:.0f} s this call)"))
-        if selected[s]:
-            print(f"seed {s}: {selected[s]['reason']}")
-    summary_rows = summarise_seeds(per_seed)
-    if len(seeds) > 1:
-        print(f"\n[{task}] " + format_summary(summary_rows, seeds))
+    out_dir = os.path.join(folder, t.version, mode)
+    variants = {"default": []} | ({"paper_judge": PAPER_JUDGE} if paper_judge else {})
+    results = {}
+    for name, extra in variants.items():
+        per_seed, times, selected = {}, {}, {}
+        for s in seeds:
+            run_dir = os.path.join(out_dir, *([] if name == "default" else [name]), f"seed_{s}")
+            if name != "default":
+                share_seed_dpo(os.path.join(out_dir, f"seed_{s}"), run_dir)
+            cfg = demo_config(paths, run_dir, s, quick, list(overrides or []) + extra, sft_model)
+            t0 = time.perf_counter()
+            metrics = run(cfg)
+            times[s] = time.perf_counter() - t0
+            per_seed[s] = results_table(cfg.output_dir, cfg.loop.iterations)
+            selected[s] = metrics.get("selected")
+            label = "" if name == "default" else " with the paper's judge (" + ", ".join(extra) + ")"
+            print(format_table(per_seed[s], title=f"\n[{task}] seed {s}{label} ({cfg.output_dir}, {times[s]:.0f} s "
+                                                  "this call)"))
+            if selected[s]:
+                print(f"seed {s}: {selected[s]['reason']}")
+        rows = summarise_seeds(per_seed)
+        if len(seeds) > 1:
+            print(f"\n[{task}]{label} " + format_summary(rows, seeds))
+        results[name] = {"per_seed": {str(s): per_seed[s] for s in seeds}, "selected": {str(s): selected[s]
+                                                                                        for s in seeds},
+                         "mean_std": rows, "seconds_per_seed": times}
     demos = t.exact_rate(json.loads(line) for line in open(paths["sft"]))
-    sft_eval = os.path.join(folder, t.version, mode, f"seed_{seeds[0]}", "sft", "eval.json")
+    sft_eval = os.path.join(out_dir, f"seed_{seeds[0]}", "sft", "eval.json")
     sft_exact = read_json(sft_eval).get("eval/exact_rate") if os.path.exists(sft_eval) else None
     if sft_exact is not None:
         print(f"[{task}] the SFT model answers exactly on {sft_exact:.1%} of held-out prompts (sampling, T="
               f"{cfg.eval.temperature}); its demonstrators did on {demos:.1%}")
+    if paper_judge:
+        ours, paper = (results[n]["mean_std"][-1] for n in ("default", "paper_judge"))
+        print(f"[{task}] the returned model's win rate vs SFT: {ours['win_rate']:.3f} with spa's default judge, "
+              f"{paper['win_rate']:.3f} with the paper's judge")
     total = time.perf_counter() - t_start
-    out_dir = os.path.join(folder, t.version, mode)
     print(f"\n[{task}] total {total:.0f} s this call ({mode} demo, seeds {seeds}; SFT model {sft_seconds:.0f} s); "
           f"results in {out_dir}")
     summary = {"task": task, "mode": mode, "overrides": list(overrides or []), "seeds": seeds, "sft_model": sft_model,
-               "sft_exact_rate": sft_exact, "demonstrators_exact_rate": demos,
-               "per_seed": {str(s): per_seed[s] for s in seeds}, "selected": {str(s): selected[s] for s in seeds},
-               "mean_std": summary_rows, "seconds_this_call": total, "seconds_sft_this_call": sft_seconds,
-               "seconds_per_seed": times}
+               "sft_exact_rate": sft_exact, "demonstrators_exact_rate": demos, **results.pop("default"),
+               "paper_judge": results.get("paper_judge"), "seconds_this_call": total,
+               "seconds_sft_this_call": sft_seconds}
     atomic_write_json(os.path.join(out_dir, "summary.json"), summary)
-    plot_results(summary_rows, os.path.join(out_dir, "results.png"), f"{task} demo ({mode}), seeds {seeds}")
+    plot_results(summary["mean_std"], os.path.join(out_dir, "results.png"), f"{task} demo ({mode}), seeds {seeds}")
     return summary

@@ -7,7 +7,9 @@ from collections import Counter
 import pytest
 from transformers import AutoTokenizer
 
+from spa import Config
 from spa.cli import main
+from spa.config import LoopConfig
 from spa.tasks import reverse
 from spa.tasks.chartok import char_tokenizer
 
@@ -77,7 +79,8 @@ def test_spa_demo_command(tmp_path, capsys):
         ["SFT", "DPO on seed", "SPA iter 1", "returned"]
     for s in ("0", "1"):  # which model each run returns, and why, machine-readable
         sel = summary["selected"][s]
-        assert sel["rule"] == "best" and sel["metric"] == "reward_accuracy" and "held-out gold pairs" in sel["reason"]
+        assert sel["rule"] == "best" and sel["metric"] == LoopConfig().selection_metric
+        assert "held-out gold pairs" in sel["reason"]
         picked = [r for r in summary["per_seed"][s] if r["selected"]]
         assert [r["model"] for r in picked] == [["DPO on seed", "SPA iter 1"][sel["iteration"]]]
     returned = [next(r for r in summary["per_seed"][s] if r["selected"])["win_rate"] for s in ("0", "1")]
@@ -85,6 +88,13 @@ def test_spa_demo_command(tmp_path, capsys):
     win = [summary["per_seed"][s][1]["win_rate"] for s in ("0", "1")]
     assert summary["mean_std"][1]["win_rate"] == pytest.approx(sum(win) / 2)
     assert os.path.exists(run_dir / "seed_1" / "iter_1" / "pairs.jsonl")
+    # the paper's judge side by side: the same seed DPO (shared, not retrained), its own iterations
+    paper = summary["paper_judge"]
+    assert [r["model"] for r in paper["mean_std"]] == ["SFT", "DPO on seed", "SPA iter 1", "returned"]
+    assert paper["per_seed"]["0"][1] == summary["per_seed"]["0"][1]  # DPO on seed: one model
+    paper_cfg = Config.load(str(run_dir / "paper_judge" / "seed_0" / "config.yaml"))
+    assert paper_cfg.judge.reference == "init" and paper_cfg.judge.reference_weight == 1.0
+    assert "with the paper's judge" in out
     sft = [d for d in os.listdir(tmp_path) if d.startswith("sft-")]  # one SFT model, shared by the seeds
     assert len(sft) == 1 and summary["sft_model"] == str(tmp_path / sft[0] / "sft" / "model")
     assert not os.path.exists(run_dir / "seed_0" / "sft" / "model")
