@@ -36,7 +36,7 @@ from .io import Layout, atomic_write_json, atomic_write_jsonl, read_jsonl, remov
 from .modeling import load_causal_lm, load_tokenizer, resolve_device, score_sequences
 from .oracle import load_oracle, pairwise_win
 from .select import NEEDS_EMBEDDINGS, select_pair
-from .validation import judge_validation, validation_rows, warn_if_uninformative
+from .validation import judge_validation, validation_rows, warn_if_length_decides, warn_if_uninformative
 
 logger = logging.getLogger("spa")
 
@@ -348,6 +348,8 @@ def run_judge(cfg, iteration: int) -> str:
     differ = [x for x in relation if x != "same_length"]
     metrics["judge/chosen_shorter_fraction"] = (sum(x == "chosen_shorter" for x in differ) / len(differ)
                                                 if differ else None)
+    metrics["judge/length_warning"] = warn_if_length_decides(metrics["judge/chosen_shorter_fraction"], len(differ),
+                                                             iteration)
     if cfg.data.validation_size:  # the judge on the held-out gold pairs, exactly as on generated pairs
         val_rows = validation_rows(cfg, enc)
         if val_rows:

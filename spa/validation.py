@@ -77,6 +77,20 @@ def warn_if_uninformative(metrics: dict, iteration: int) -> str | None:
     return msg
 
 
+def warn_if_length_decides(chosen_shorter: float | None, pairs: int, iteration: int, limit: float = 0.1) -> str | None:
+    """A warning (logged and returned) when the judge picks the shorter (or the longer) response in more than
+    1 - limit of the pairs whose responses differ in length (at least 20 such pairs): its labels then mostly teach
+    a length, which is how a self-judging loop drifts to ever shorter or longer answers."""
+    if chosen_shorter is None or pairs < 20 or limit <= chosen_shorter <= 1 - limit:
+        return None
+    side, frac = ("shorter", chosen_shorter) if chosen_shorter > 0.5 else ("longer", 1 - chosen_shorter)
+    msg = (f"judge iter {iteration}: the chosen response is the {side} one in {frac:.0%} of the {pairs} pairs whose "
+           "responses differ in length: the labels mostly teach a length (judge.length_regress or "
+           "judge.length_penalty counter it; loop.select=best keeps an earlier model if this one validates worse)")
+    logger.warning(msg)
+    return msg
+
+
 @torch.inference_mode()
 def model_validation(model, reference, enc: data_mod.PromptEncoder, rows: list[dict], beta: float,
                      batch_size: int, impl: str) -> dict:
@@ -187,4 +201,5 @@ def select_iteration(cfg, last: int) -> Selection:
 
 
 __all__ = ["wilson_interval", "agreement", "validation_rows", "judge_validation", "warn_if_uninformative",
+           "warn_if_length_decides",
            "model_validation", "run_validate", "Selection", "choose_iteration", "select_iteration"]

@@ -8,7 +8,13 @@ import pytest
 
 from spa import Config
 from spa.io import Layout
-from spa.validation import agreement, select_iteration, warn_if_uninformative, wilson_interval
+from spa.validation import (
+    agreement,
+    select_iteration,
+    warn_if_length_decides,
+    warn_if_uninformative,
+    wilson_interval,
+)
 
 
 def test_wilson_interval():
@@ -35,6 +41,16 @@ def test_warning_when_the_judge_cannot_be_told_from_chance(caplog):
     assert msg in caplog.text
     assert warn_if_uninformative({**m, "judge/validation_accuracy_ci_low": 0.51}, 2) is None
     assert warn_if_uninformative({}, 2) is None  # no validation pairs: nothing to say
+
+
+def test_warning_when_length_decides_the_judgment(caplog):
+    msg = warn_if_length_decides(0.02, 150, 1)
+    assert msg.startswith("judge iter 1: the chosen response is the longer one in 98% of the 150 pairs")
+    assert msg in caplog.text
+    assert "shorter one in 95%" in warn_if_length_decides(0.95, 40, 3)
+    assert warn_if_length_decides(0.5, 150, 1) is None and warn_if_length_decides(0.1, 150, 1) is None
+    assert warn_if_length_decides(0.0, 19, 1) is None  # too few pairs to say
+    assert warn_if_length_decides(None, 0, 1) is None
 
 
 def _validated(tmp_path, values: list[float], metric="reward_accuracy", **loop) -> Config:
