@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -76,16 +75,13 @@ def overrides(variant: str, task: str) -> list[str]:
 def run_one(folder: str, task: str, variant: str, seed: int, quick: bool) -> None:
     """One loop (resumable); iteration 0 and the SFT evaluation are copied from the task's `paper` run."""
     from spa.loop import run
-    from spa.tasks.demo import build_sft_model, build_task, demo_config
+    from spa.tasks.demo import build_sft_model, build_task, demo_config, share_seed_dpo
 
     paths = build_task(folder, task)
     sft_model = build_sft_model(paths, folder)
     out = run_dir(folder, task, variant, seed, quick)
-    shared = run_dir(folder, task, "paper", seed, quick)
-    if variant not in ("paper", "dpo-all-gold") and not os.path.exists(out):
-        os.makedirs(out)
-        for part in ("sft", "iter_0"):
-            shutil.copytree(os.path.join(shared, part), os.path.join(out, part))
+    if variant not in ("paper", "dpo-all-gold"):
+        share_seed_dpo(run_dir(folder, task, "paper", seed, quick), out)
     run(demo_config(paths, out, seed, quick, overrides(variant, task), sft_model))
 
 
@@ -131,8 +127,8 @@ def collect(folder: str, tasks, variants, seeds, quick: bool) -> list[dict]:
                 lay = Layout(d)
                 if not os.path.exists(lay.metrics):
                     continue
-                for i, r in enumerate(results_table(d, 3)):
-                    it = None if r["model"] == "SFT" else i - 1
+                for r in results_table(d, 3):
+                    it = r["iteration"]
                     row = {"task": task, "variant": v, "seed": s, "iteration": it,
                            **{k: r[k] for k in ("model", "win_rate", "score", "exact", "length", "judge_acc",
                                                 "judge_val_acc")}}

@@ -225,6 +225,25 @@ def load_demos(source, split, skip_invalid=False):
 
 # --- seed and per-iteration prompt pools ----------------------------------------------------------------------
 
+def split_validation(seed: list[dict], size: float) -> tuple[list[dict], list[dict]]:
+    """(training pairs, validation pairs): `size` of the seed (a fraction < 1, or a count >= 1) held out, taken from
+    its end, whole prompts at a time (the pairs of one prompt never sit on both sides)."""
+    if size == 0:
+        return seed, []
+    n_val = int(size) if size >= 1 else max(1, round(size * len(seed)))
+    cut = len(seed)
+    held: set[str] = set()
+    while cut > 0 and len(seed) - cut < n_val:
+        held.add(seed[cut - 1]["id"])
+        cut -= 1
+    validation = [p for p in seed if p["id"] in held]
+    train = [p for p in seed if p["id"] not in held]
+    if not train:
+        raise DataError(f"data.validation_size holds out {len(validation)} of the {len(seed)} seed pairs: none is "
+                        "left to train on; lower data.validation_size or raise data.seed_size")
+    return train, validation
+
+
 def _count(size: float, total: int) -> int:
     return max(1, round(size * total)) if size <= 1 else int(size)
 
@@ -257,11 +276,7 @@ def seed_and_pools(cfg) -> SeedData:
     if n_seed > len(pairs):
         raise DataError(f"data.seed_size asks for {n_seed} seed pairs but {d.seed} has {len(pairs)}")
     seed = [pairs[i] for i in order[:n_seed]]
-    n_val = 0 if d.validation_size == 0 else _count(d.validation_size, n_seed)
-    if n_val >= n_seed:
-        raise DataError(f"data.validation_size holds out {n_val} of the {n_seed} seed pairs: none is left to train "
-                        "on; lower data.validation_size or raise data.seed_size")
-    seed, validation = seed[:n_seed - n_val], seed[n_seed - n_val:]
+    seed, validation = split_validation(seed, d.validation_size)
     info = {**stats.as_metrics("data/seed"), "data/seed_pairs": len(seed), "data/validation_pairs": len(validation)}
     seen = {p["id"] for p in seed + validation}
     if d.iteration_prompt_files:

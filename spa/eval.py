@@ -123,9 +123,11 @@ def results_table(output_dir: str, iterations: int) -> list[dict]:
             r = read_json(path)
         except FileNotFoundError:
             continue
-        judge = read_json(lay.stage_metrics(eval_name(i), "judge")) if i else {}
+        judge_path = lay.stage_metrics(eval_name(i), "judge")
+        judge = read_json(judge_path) if i and os.path.exists(judge_path) else {}
         val = read_json(lay.validation(i)) if i is not None and os.path.exists(lay.validation(i)) else {}
-        rows.append({"model": "SFT" if i is None else model_label(i), "win_rate": r.get("eval/win_rate_vs_sft"),
+        rows.append({"model": "SFT" if i is None else model_label(i), "iteration": i,
+                     "win_rate": r.get("eval/win_rate_vs_sft"),
                      "score": r.get("eval/mean_score"), "exact": r.get("eval/exact_rate"),
                      "length": r.get("eval/mean_tokens"), "reward_acc": r.get("eval/reward_accuracy"),
                      "val_acc": val.get("val/reward_accuracy"), "judge_val_acc": judge.get("judge/validation_accuracy"),

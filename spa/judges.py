@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -209,32 +210,48 @@ class FunctionJudge:
         return out
 
 
+def length_slope(scores: list[list[float]], lengths: list[list[int]]) -> float:
+    """Least-squares slope of score on response tokens *within* prompts (each prompt's means removed first), so
+    that prompts with longer answers do not set the slope; 0 when no prompt's responses differ in length."""
+    num = den = 0.0
+    for srow, nrow in zip(scores, lengths):
+        if len(srow) < 2:
+            continue
+        ms, mn = sum(srow) / len(srow), sum(nrow) / len(nrow)
+        num += sum((n - mn) * (x - ms) for x, n in zip(srow, nrow))
+        den += sum((n - mn) ** 2 for n in nrow)
+    return num / den if den else 0.0
+
+
 def adjust_for_length(scores: list[list[float]], lengths: list[list[int]], penalty: float = 0.0,
-                      regress: bool = False) -> list[list[float]]:
-    """Every judge's length adjustment: score - penalty * tokens (DICE-style), and with `regress` minus the slope of
-    the least-squares line of score on tokens over all the given responses (a linear length bias removed; the
-    intercept does not change any comparison)."""
-    flat_s = [x for row in scores for x in row]
-    flat_n = [float(n) for row in lengths for n in row]
-    slope = penalty
-    if regress and len(flat_n) > 1:
-        mn, ms = sum(flat_n) / len(flat_n), sum(flat_s) / len(flat_s)
-        var = sum((n - mn) ** 2 for n in flat_n)
-        if var > 0:
-            slope += sum((n - mn) * (x - ms) for n, x in zip(flat_n, flat_s)) / var
-    if not slope:
+                      slope: float = 0.0) -> list[list[float]]:
+    """Every judge's length adjustment: score - (penalty + slope) * response tokens (penalty: DICE-style; slope:
+    judge.length_regress's fitted length_slope)."""
+    total = penalty + slope
+    if not total:
         return scores
-    return [[x - slope * n for x, n in zip(srow, nrow)] for srow, nrow in zip(scores, lengths)]
+    return [[x - total * n for x, n in zip(srow, nrow)] for srow, nrow in zip(scores, lengths)]
 
 
-def judge_rows(judge, rows: list[dict], enc: data_mod.PromptEncoder, jcfg, embeddings: bool = False):
+@dataclass
+class Judgment:
+    scores: list[list[float]]  # per row, per response: the judge's score after the length adjustments
+    embeddings: list[torch.Tensor] | None  # REAL's response embeddings, when asked for (implicit judge)
+    length_slope: float | None  # judge.length_regress: the slope removed (None when it is off)
+
+
+def judge_rows(judge, rows: list[dict], enc: data_mod.PromptEncoder, jcfg, embeddings: bool = False,
+               slope: float | None = None) -> Judgment:
     """The configured judgment of rows {"prompt", "responses"}: the judge's scores with judge.length_penalty and
-    judge.length_regress applied; with embeddings (implicit judge only), also REAL's response embeddings."""
+    judge.length_regress applied (the slope fitted on these rows, or `slope` when given); with embeddings
+    (implicit judge only), also REAL's response embeddings."""
     res = judge.score(rows, embeddings=True) if embeddings else judge.score(rows)
     scores, embs = res if embeddings else (res, None)
     lengths = [[len(enc.encode_response(y)) for y in r["responses"]] for r in rows]
-    scores = adjust_for_length(scores, lengths, jcfg.length_penalty, jcfg.length_regress)
-    return (scores, embs) if embeddings else scores
+    if jcfg.length_regress and slope is None:
+        slope = length_slope(scores, lengths)
+    slope = slope if jcfg.length_regress else None
+    return Judgment(adjust_for_length(scores, lengths, jcfg.length_penalty, slope or 0.0), embs, slope)
 
 
 def build_judge(cfg, iteration: int):
@@ -302,17 +319,15 @@ def run_judge(cfg, iteration: int) -> str:
     t0 = time.perf_counter()
 
     def work(shard: int, rows: list[dict]) -> list[dict]:
-        if isinstance(judge, ImplicitRewardJudge) and need_emb:
-            scores, embs = judge_rows(judge, rows, enc, cfg.judge, embeddings=True)
-        else:
-            scores = judge_rows(judge, rows, enc, cfg.judge)
-            embs = response_embeddings(embedder, enc, rows, cfg.judge.batch_size,
-                                       cfg.train.kernel_impl) if need_emb else None
+        judged = judge_rows(judge, rows, enc, cfg.judge, embeddings=isinstance(judge, ImplicitRewardJudge) and need_emb)
+        scores, embs = judged.scores, judged.embeddings
+        if need_emb and embs is None:
+            embs = response_embeddings(embedder, enc, rows, cfg.judge.batch_size, cfg.train.kernel_impl)
         out = []
         for n, (r, sc) in enumerate(zip(rows, scores)):
             rng = random.Random(f"{cfg.seed}/select/{iteration}/{r['id']}")
             pick = select_pair(sc, strategy, None if embs is None else embs[n], rng)
-            row = {"id": r["id"], "prompt": r["prompt"], "scores": sc}
+            row = {"id": r["id"], "prompt": r["prompt"], "scores": sc, "length_slope": judged.length_slope}
             if pick is None:
                 row["status"] = "no_pair"
             else:
@@ -328,7 +343,7 @@ def run_judge(cfg, iteration: int) -> str:
     total = -(-len(samples) // cfg.generate.shard_size)
     rows = [r for shard in tqdm(shards, total=total, desc=f"judge iter {iteration}", unit="shard", leave=False)
             for r in shard]
-    kept = [{k: v for k, v in r.items() if k != "status"} for r in rows if r["status"] == "kept"]
+    kept = [{k: v for k, v in r.items() if k not in ("status", "length_slope")} for r in rows if r["status"] == "kept"]
     if not kept:
         raise RuntimeError(f"judge iter {iteration}: every pair was dropped (identical responses or exact ties); "
                            "raise generate.temperature or generate.num_samples")
@@ -352,8 +367,17 @@ def run_judge(cfg, iteration: int) -> str:
                                                              iteration)
     if cfg.data.validation_size:  # the judge on the held-out gold pairs, exactly as on generated pairs
         val_rows = validation_rows(cfg, enc)
-        if val_rows:
-            metrics.update(judge_validation(judge_rows(judge, val_rows, enc, cfg.judge)))
+        if not val_rows:
+            logger.warning("judge iter %d: no held-out validation pair fits data.max_prompt_length: the judge is not "
+                           "checked", iteration)
+        else:
+            # judge.length_regress: the slope fitted on the generated responses, not on the gold pairs (whose
+            # lengths go with their labels)
+            slopes = [r["length_slope"] for r in rows if r.get("length_slope") is not None]
+            slope = sum(slopes) / len(slopes) if slopes else None
+            metrics.update(judge_validation(judge_rows(judge, val_rows, enc, cfg.judge, slope=slope).scores))
+            if slope is not None:
+                metrics["judge/length_slope"] = slope
             warning = warn_if_uninformative(metrics, iteration)
             metrics["judge/validation_warning"] = warning
     if cfg.eval.oracle:  # how often the self-judgment agrees with the gold oracle (a diagnostic; not used)
@@ -373,4 +397,5 @@ def run_judge(cfg, iteration: int) -> str:
 
 
 __all__ = ["ImplicitRewardJudge", "ContrastivePromptJudge", "RewardModelJudge", "LLMJudge", "FunctionJudge",
-           "adjust_for_length", "judge_rows", "build_judge", "run_judge", "init_model_path", "judge_reference_path"]
+           "adjust_for_length", "length_slope", "Judgment", "judge_rows", "build_judge", "run_judge",
+           "init_model_path", "judge_reference_path"]

@@ -75,7 +75,7 @@ def plan(cfg: Config) -> list[Stage]:
 
 # Keys added to spa since a run may have been stored, whose default changes what a run does: a stored config that
 # lacks them ran with these values (so a resume with the new defaults is refused, naming the key).
-LEGACY_VALUES = {("data", "validation_size"): 0.0, ("loop", "select"): "last", ("loop", "patience"): 0}
+LEGACY_VALUES = {("data", "validation_size"): 0.0, ("judge", "reference"): "init", ("judge", "token_average"): False}
 
 
 def check_config(cfg: Config) -> None:
@@ -89,6 +89,10 @@ def check_config(cfg: Config) -> None:
         for (section, key), value in LEGACY_VALUES.items():
             if isinstance(stored.get(section), dict) and key not in stored[section]:
                 stored[section][key] = value
+        if isinstance(stored.get("loop"), dict) and "select" not in stored["loop"]:
+            # made before selection existed: without validation pairs the loop.select/patience keys change nothing
+            stored["loop"].update({k: v for k, v in mine["loop"].items() if k in ("select", "selection_metric",
+                                                                                  "patience")})
         try:  # a key added to spa since the run was made counts as its default (defaults keep old behaviour)
             stored = Config.from_dict(stored, source=lay.config).to_dict()
         except ConfigError:  # a key since removed or renamed: compare as stored, so the diff names it
@@ -160,8 +164,6 @@ def _run_locked(cfg: Config, stages: list[Stage], until: str | None) -> dict:
     selection = None
     for stage in stages:
         run_stage(cfg, stage)
-        if stage.name == until:
-            break
         if stage.iteration is not None and last_of[stage.iteration] == stage.name:
             selection = select_iteration(cfg, stage.iteration)
             if selection.rule == "best" and selection.iteration != stage.iteration:
@@ -171,13 +173,23 @@ def _run_locked(cfg: Config, stages: list[Stage], until: str | None) -> dict:
                                selection.values[str(stage.iteration)], selection.value)
             if selection.stopped_early:
                 break
+        if stage.name == until:
+            break
     lay = Layout(cfg.output_dir)
-    if selection is not None:
+    if selection is not None and selection_is_current(cfg, selection):
         record_selection(cfg, selection)
     table = results_table(cfg.output_dir, cfg.loop.iterations)
     if table:
         logger.debug("results\n%s", format_table(table))
     return read_json(lay.metrics) if os.path.exists(lay.metrics) else {}
+
+
+def selection_is_current(cfg: Config, selection: Selection) -> bool:
+    """False when a later iteration than the selection considered is already done (a rerun with --until that
+    stopped early must not replace the choice made over more iterations)."""
+    lay = Layout(cfg.output_dir)
+    considered = max([int(i) for i in selection.values] or [selection.iteration])
+    return not any(os.path.exists(lay.model(i)) for i in range(considered + 1, cfg.loop.iterations + 1))
 
 
 def record_selection(cfg: Config, selection: Selection) -> None:

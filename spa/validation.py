@@ -165,7 +165,8 @@ def choose_iteration(values: dict[int, float], patience: int, lower_is_better: b
     """(best iteration, whether to stop after the last one in `values`): the best value, ties to the earlier
     iteration; stop when the last `patience` iterations (> 0) brought no better value and iterations remain."""
     sign = -1.0 if lower_is_better else 1.0
-    best = max(values, key=lambda i: (sign * values[i], -i))
+    finite = [i for i in values if math.isfinite(values[i])] or list(values)  # a NaN metric never wins
+    best = max(finite, key=lambda i: (sign * values[i], -i))
     last = max(values)
     stopped = patience > 0 and last - best >= patience and (iterations is None or last < iterations)
     return best, stopped

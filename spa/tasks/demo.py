@@ -48,7 +48,7 @@ SFT_SEED = 0  # one SFT model for all seeds, as in the paper (every run starts f
 QUICK = ["loop.iterations=2", "data.iteration_prompts=[400, 1000]", "eval.max_prompts=250"]
 # The SPA paper's judge, run beside the default recipe (same SFT model, seed DPO, settings) for comparison.
 PAPER_JUDGE = ["judge.type=implicit", "judge.reference=init", "judge.reference_weight=1.0",
-               "judge.token_average=false", "judge.length_regress=false"]
+               "judge.token_average=false", "judge.length_regress=false", "judge.length_penalty=0.0"]
 METRICS = ("win_rate", "score", "exact", "length", "reward_acc", "val_acc", "judge_val_acc", "judge_acc")
 
 
@@ -125,14 +125,15 @@ def summarise_seeds(per_seed: dict[int, list[dict]]) -> list[dict]:
     """Mean and std over seeds of every table column, per model, plus a row "returned" for the model each run
     returns (which iteration it is may differ between seeds)."""
     seeds = list(per_seed)
-    models = [r["model"] for r in per_seed[seeds[0]]]
-    out = []
+    models = list(dict.fromkeys(r["model"] for s in seeds for r in per_seed[s]))  # seeds may stop at different
+    out = []                                                                       # iterations
     for m in models + ["returned"]:
         pick = (lambda rows: returned_row(rows)) if m == "returned" else (
             lambda rows, m=m: next((r for r in rows if r["model"] == m), None))
-        row = {"model": m}
+        picked = [pick(per_seed[s]) for s in seeds]
+        row = {"model": m, "seeds": sum(p is not None for p in picked)}
         for key in METRICS:
-            mean, sd = _agg((pick(per_seed[s]) or {}).get(key) for s in seeds)
+            mean, sd = _agg((p or {}).get(key) for p in picked)
             row[key], row[key + "_std"] = mean, sd
         out.append(row)
     return out
@@ -143,10 +144,11 @@ def format_summary(rows: list[dict], seeds) -> str:
     cols = (("win_rate", "win rate vs SFT", 3), ("score", "oracle score", 3), ("exact", "exact", 3),
             ("length", "length", 1), ("val_acc", "val acc", 3), ("judge_val_acc", "judge val acc", 3),
             ("judge_acc", "judge acc", 3))
-    head = f"{'model':<14}" + "".join(f" {name:>15}" for _, name, _ in cols)
-    lines = [f"mean ± std over seeds {list(seeds)}", head, "-" * len(head)]
+    head = f"{'model':<14} {'seeds':>5}" + "".join(f" {name:>15}" for _, name, _ in cols)
+    lines = [f"mean ± std over seeds {list(seeds)} (seeds: how many runs reached that model)", head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['model']:<14}" + "".join(f" {pm(r[k], r[k + '_std'], p):>15}" for k, _, p in cols))
+        lines.append(f"{r['model']:<14} {r['seeds']:>5}" + "".join(f" {pm(r[k], r[k + '_std'], p):>15}"
+                                                                   for k, _, p in cols))
     return "\n".join(lines)
 
 
@@ -182,6 +184,12 @@ def run_demo(quick: bool = False, seeds=None, folder: str | None = None, overrid
     if overrides:  # a different experiment: its own runs (the stored configs would otherwise be refused)
         mode += "-" + hashlib.sha256("\n".join(overrides).encode()).hexdigest()[:8]
     out_dir = os.path.join(folder, t.version, mode)
+    if paper_judge:  # nothing to compare when the settings' judge already is the paper's
+        judges = [demo_config(paths, out_dir, 0, quick, list(overrides or []) + extra, sft_model).judge
+                  for extra in ([], PAPER_JUDGE)]
+        paper_judge = judges[0] != judges[1]
+        if not paper_judge:
+            print(f"[{task}] the judge of these settings is the SPA paper's: no side-by-side run")
     variants = {"default": []} | ({"paper_judge": PAPER_JUDGE} if paper_judge else {})
     results = {}
     for name, extra in variants.items():

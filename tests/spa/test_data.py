@@ -149,8 +149,23 @@ def test_seed_and_pools(task, tmp_path):
     assert len(counted) == 7 and len(val5) == 5
     with pytest.raises(DataError, match="holds out 12 of the 12 seed pairs"):
         seed_and_pools(cfg.replace(**{"data.validation_size": 12}))
+    one, val1, _, _ = seed_and_pools(cfg.replace(**{"data.validation_size": 1}))
+    assert len(one) == 11 and len(val1) == 1  # a count of 1, not "all of it"
     with pytest.raises(DataError, match=r"data.iteration_prompts asks for 170 prompts "
                                         r"\(50 \+ 60 \+ 60 over loop.iterations=3\) but the prompt pool holds 108"):
         seed_and_pools(cfg.replace(**{"data.iteration_prompts": [50, 60]}))
     with pytest.raises(DataError, match="data.seed is not set"):
         seed_and_pools(Config())
+
+
+def test_validation_split_keeps_the_pairs_of_a_prompt_together():
+    from spa.data import split_validation
+
+    seed = [{"id": i} for i in "abcdeffgg"]  # prompts f and g have two pairs each
+    train, val = split_validation(seed, 3)
+    assert [p["id"] for p in val] == ["f", "f", "g", "g"] and [p["id"] for p in train] == list("abcde")
+    train, val = split_validation(seed, 0.25)  # round(2.25) = 2 pairs: prompt g
+    assert [p["id"] for p in val] == ["g", "g"] and len(train) == 7
+    assert split_validation(seed, 0) == (seed, [])
+    with pytest.raises(DataError, match="none is left to train on"):
+        split_validation([{"id": "a"}, {"id": "a"}], 1)

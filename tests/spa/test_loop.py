@@ -55,11 +55,15 @@ def test_loop_end_to_end(uninterrupted, capsys):
     # the returned model and why: in metrics.json, in selected.json, and marked in the results table
     sel = metrics["selected"]
     assert sel == read_json(lay.selected) and sel["rule"] == "best" and sel["stopped_early"] is False
-    values = {str(i): read_json(lay.validation(i))["val/reward_accuracy"] for i in (0, 1)}
+    metric = f"val/{cfg.loop.selection_metric}"
+    values = {str(i): read_json(lay.validation(i))[metric] for i in (0, 1)}
     best = max((0, 1), key=lambda i: (values[str(i)], -i))
     assert sel["values"] == values and sel["iteration"] == best and sel["model"] == lay.model(best)
     table = results_table(cfg.output_dir, 1)
     assert [r["model"] for r in table if r["selected"]] == [["DPO on seed", "SPA iter 1"][best]]
+    # a rerun that stops early (--until) keeps the choice made over every iteration
+    spa.run(cfg, until="iter_0/validate")
+    assert read_json(lay.selected) == sel
     assert Config.load(lay.config) == cfg  # the run's config is stored with it
     assert not os.path.exists(lay.path(".partial"))  # work folders are removed once their stage is done
     # a rerun of a finished run redoes nothing
@@ -104,8 +108,10 @@ def test_validation_values(uninterrupted):
         assert got["val/chosen_logp_per_token"] == pytest.approx(sum(c for c, _ in per_tok) / 4, abs=1e-5)
         if i == 0:  # the judge of iteration 1 is pi_0's implicit reward: judged on the same pairs
             judge = read_json(lay.stage_metrics("iter_1", "judge"))
-            same = sum(pairwise_win(c, r) for c, r in ImplicitRewardJudge(model, init, enc,
-                                                                         beta=cfg.judge.beta).score(rows)) / 4
+            j = cfg.judge  # the configured judge (default: the model's own per-token log-prob)
+            judge_of_1 = ImplicitRewardJudge(model, None if j.reference == "none" else init, enc, beta=j.beta,
+                                             reference_weight=j.reference_weight, token_average=j.token_average)
+            same = sum(pairwise_win(c, r) for c, r in judge_of_1.score(rows)) / 4
             assert judge["judge/validation_accuracy"] == pytest.approx(same)
             assert judge["judge/validation_accuracy_pairs"] == 4
 
@@ -124,7 +130,7 @@ def test_early_stop_returns_the_best_iteration(task, tmp_path, monkeypatch):
 
     monkeypatch.setattr(spa.loop, "run_validate", fake_validate)
     settings = tiny_settings(task, str(tmp_path / "best"))
-    settings["loop"] = {"iterations": 2}
+    settings["loop"] = {"iterations": 2, "selection_metric": "reward_accuracy"}
     settings["eval"] = {}  # no eval stages: faster
     metrics = spa.run(Config.from_dict(settings))
     assert list(metrics["stages"]) == ["sft", "iter_0/train", "iter_0/validate", "iter_1/generate", "iter_1/judge",
@@ -178,21 +184,28 @@ def test_config_stored_by_an_older_spa(uninterrupted, tmp_path):
     cfg, _ = uninterrupted
     cfg = cfg.replace(output_dir=str(tmp_path / "old"))
     stored = cfg.to_dict()
-    del stored["judge"]["reference"]  # as written before judge.reference existed
+    del stored["judge"]["reference"]  # as written before judge.reference existed: the judge was the paper's
+    del stored["judge"]["token_average"]
     os.makedirs(cfg.output_dir)
     with open(Layout(cfg.output_dir).config, "w") as f:
         yaml.safe_dump(stored, f)
-    check_config(cfg)  # same defaults: accepted
-    with pytest.raises(ConfigMismatch, match=r"judge\.reference: 'init' -> 'none'"):
-        check_config(cfg.replace(**{"judge.reference": "none"}))
+    paper = cfg.replace(**{"judge.reference": "init", "judge.token_average": False})
+    check_config(paper)  # the values it ran with: accepted
+    with pytest.raises(ConfigMismatch, match=r"judge\.reference: 'init' -> 'none'; judge\.token_average: False -> "
+                                             r"True"):
+        check_config(cfg)  # today's defaults would change how it judges: refused, naming the keys
+    cfg = paper
+    stored["judge"].update(reference="init", token_average=False)
     # a run made before held-out validation existed trained on the whole seed: resuming it with validation would
     # change its data, so the refusal names the key
     del stored["data"]["validation_size"]
+    for key in ("select", "selection_metric", "patience"):
+        del stored["loop"][key]
     with open(Layout(cfg.output_dir).config, "w") as f:
         yaml.safe_dump(stored, f)
     with pytest.raises(ConfigMismatch, match=r"data\.validation_size: 0 -> 0\.25"):
         check_config(cfg)
-    check_config(cfg.replace(**{"data.validation_size": 0}))
+    check_config(cfg.replace(**{"data.validation_size": 0}))  # one override resumes it as it was made
     stored["data"]["validation_size"] = 0.25
     stored["judge"]["retired_key"] = 1
     with open(Layout(cfg.output_dir).config, "w") as f:

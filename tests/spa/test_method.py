@@ -19,6 +19,7 @@ from spa.judges import (
     RewardModelJudge,
     adjust_for_length,
     judge_rows,
+    length_slope,
 )
 from spa.refine import NoiseDetector, lam_for_iteration, refine_alpha
 from spa.select import select_pair, two_means
@@ -159,7 +160,7 @@ def test_function_judge(models):
     tok, _, _ = models
     enc = PromptEncoder(tok, 32)
     judge = FunctionJudge(load_oracle("spa.tasks.reverse:oracle", "judge.function"))
-    scores = judge_rows(judge, ROWS, enc, JudgeConfig(length_penalty=0.01))  # the length penalty, as for any judge
+    scores = judge_rows(judge, ROWS, enc, JudgeConfig(length_penalty=0.01)).scores  # the penalty, as for any judge
     for row, sc in zip(ROWS, scores):
         q = row["prompt"][-1]["content"]
         for resp, s in zip(row["responses"], sc):
@@ -174,12 +175,30 @@ def test_length_adjustments():
     scores, lengths = [[1.0, 2.0], [3.0, 4.0]], [[1, 3], [2, 2]]
     assert adjust_for_length(scores, lengths) == scores
     assert adjust_for_length(scores, lengths, penalty=0.5) == [[0.5, 0.5], [2.0, 3.0]]
-    # score = 2 * tokens + (0, 0, 0, 1): the fitted slope over all responses is (-1*-2.25 + 1*1.75) / 2 = 2
-    regressed = adjust_for_length([[2.0, 6.0], [4.0, 5.0]], lengths, regress=True)
-    assert regressed == [[pytest.approx(0.0), pytest.approx(0.0)], [pytest.approx(0.0), pytest.approx(1.0)]]
-    both = adjust_for_length([[2.0, 6.0], [4.0, 5.0]], lengths, penalty=1.0, regress=True)
-    assert both[1] == [pytest.approx(-2.0), pytest.approx(-1.0)]
-    assert adjust_for_length([[1.0, 5.0]], [[2, 2]], regress=True) == [[1.0, 5.0]]  # no length variation
+    # within prompts: row 1 deviations (-1, 1) in tokens and (-2, 2) in score, row 2 has no length variation
+    assert length_slope([[2.0, 6.0], [4.0, 5.0]], lengths) == 2.0
+    assert adjust_for_length([[2.0, 6.0], [4.0, 5.0]], lengths, slope=2.0) == [[0.0, 0.0], [0.0, 1.0]]
+    assert adjust_for_length([[2.0, 6.0]], [[1, 3]], penalty=1.0, slope=2.0) == [[-1.0, -3.0]]
+    assert length_slope([[1.0, 5.0]], [[2, 2]]) == 0.0  # no length variation
+    # both prompts prefer the shorter answer by 1 per token; across prompts, longer answers score higher: the
+    # slope is the within-prompt -1 (a pooled fit would say +1.24 and widen the length bias)
+    confounded, clen = [[1.0, 0.0], [10.0, 9.0]], [[3, 4], [10, 11]]
+    assert length_slope(confounded, clen) == pytest.approx(-1.0)
+    assert adjust_for_length(confounded, clen, slope=-1.0) == [[4.0, 4.0], [20.0, 20.0]]
+
+
+def test_judge_rows_applies_the_length_settings(models):
+    tok, _, _ = models
+    enc = PromptEncoder(tok, 32)
+    judge = FunctionJudge(lambda q, r: float(len(r)))  # score = characters: a pure length preference
+    fitted = judge_rows(judge, ROWS, enc, JudgeConfig(length_regress=True))
+    assert fitted.length_slope == pytest.approx(1.0)  # one character = one token here
+    # characters - (characters + EOS) = -1 for every response: the length preference is gone
+    assert fitted.scores == [[pytest.approx(-1.0)] * 3, [pytest.approx(-1.0)] * 2]
+    given = judge_rows(judge, ROWS, enc, JudgeConfig(length_regress=True), slope=0.5)
+    assert given.length_slope == 0.5 and given.scores[1] == [pytest.approx(5 - 0.5 * 6), pytest.approx(6 - 0.5 * 7)]
+    plain = judge_rows(judge, ROWS, enc, JudgeConfig(), slope=0.5)  # regression off: no slope applied
+    assert plain.length_slope is None and plain.scores == [[3.0, 3.0, 2.0], [5.0, 6.0]]
 
 
 def test_llm_judge_is_order_symmetric(models):

@@ -60,7 +60,7 @@ def test_stages_one_by_one(run_with_sft):
     g = read_json(lay.stage_metrics("iter_1", "generate"))
     assert g["generate/prompts"] == 8 and g["generate/tokens_per_s"] > 0 and g["generate/shards_computed"] == 2
 
-    # judge: implicit reward beta * (log pi_0 - log pi_init), chosen = max, rejected = min
+    # judge (the default): beta * pi_0's own per-token log-prob, chosen = max, rejected = min
     spa.run_judge(cfg, 1)
     pairs = read_jsonl(lay.pairs(1))
     jm = read_json(lay.stage_metrics("iter_1", "judge"))
@@ -68,7 +68,6 @@ def test_stages_one_by_one(run_with_sft):
         jm["judge/dropped_ties"] == 8
     assert 0 <= jm["judge/oracle_accuracy"] <= 1
     policy = AutoModelForCausalLM.from_pretrained(lay.model(0))
-    init = AutoModelForCausalLM.from_pretrained(lay.sft_model)
     enc = PromptEncoder(AutoTokenizer.from_pretrained(lay.model(0)), 24)
     by_id = {s["id"]: s for s in samples}
     for p in pairs:
@@ -76,7 +75,7 @@ def test_stages_one_by_one(run_with_sft):
         expect = []
         for resp in by_id[p["id"]]["responses"]:
             r = enc.encode_response(resp)
-            expect.append(0.1 * (ref_logps(policy, prompt, r) - ref_logps(init, prompt, r)))
+            expect.append(0.1 * ref_logps(policy, prompt, r) / len(r))
         assert p["scores"] == pytest.approx(expect, abs=2e-4)
         assert p["score_chosen"] == max(p["scores"]) and p["score_rejected"] == min(p["scores"])
         assert p["chosen"] != p["rejected"]

@@ -10,6 +10,7 @@ from spa import Config
 from spa.io import Layout
 from spa.validation import (
     agreement,
+    choose_iteration,
     select_iteration,
     warn_if_length_decides,
     warn_if_uninformative,
@@ -85,6 +86,9 @@ def test_select_ties_and_lower_is_better(tmp_path):
     assert select_iteration(_validated(tmp_path / "a", [0.7, 0.7, 0.7]), 2).iteration == 0  # ties: the earlier
     loss = _validated(tmp_path / "b", [0.5, 0.4, 0.45], metric="dpo_loss", patience=0)
     assert select_iteration(loss, 2).iteration == 1  # the DPO loss: lower is better
+    assert choose_iteration({0: 0.5, 1: float("nan"), 2: 0.4}, 0) == (0, False)  # NaN never wins
+    assert choose_iteration({0: 0.7, 1: 0.6, 2: 0.5, 3: 0.4}, 1, iterations=3) == (0, False)  # the last: no stop
+    assert choose_iteration({0: 0.7, 1: 0.6}, 1, iterations=3) == (0, True)
     margin = _validated(tmp_path / "c", [0.1, 0.3, 0.2], metric="reward_margin", patience=0)
     assert select_iteration(margin, 2).iteration == 1
     none = select_iteration(Config.from_dict({"output_dir": str(tmp_path / "d"),
