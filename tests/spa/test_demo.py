@@ -59,6 +59,20 @@ def test_char_tokenizer_round_trip(tmp_path):
     assert tok.eos_token == "</s>" and tok.pad_token == "<pad>"
 
 
+def test_demo_summary_over_seeds_that_stopped_at_different_iterations():
+    from spa.tasks.demo import summarise_seeds
+
+    row = lambda model, win, selected=False: {"model": model, "win_rate": win, "selected": selected}
+    per_seed = {0: [row("SFT", None), row("DPO on seed", 0.5), row("SPA iter 1", 0.7, True), row("SPA iter 2", 0.6)],
+                1: [row("SFT", None), row("DPO on seed", 0.4, True), row("SPA iter 1", 0.3)]}  # stopped earlier
+    got = {r["model"]: r for r in summarise_seeds(per_seed)}
+    assert list(got) == ["SFT", "DPO on seed", "SPA iter 1", "SPA iter 2", "returned"]
+    assert got["SPA iter 2"]["seeds"] == 1 and got["SPA iter 2"]["win_rate"] == 0.6
+    assert got["SPA iter 1"]["win_rate"] == pytest.approx(0.5) and got["SPA iter 1"]["seeds"] == 2
+    assert got["returned"]["win_rate"] == pytest.approx((0.7 + 0.4) / 2)  # each seed's own returned model
+    assert got["returned"]["win_rate_std"] == pytest.approx(0.2121, abs=1e-4)
+
+
 def test_spa_demo_command(tmp_path, capsys):
     """`spa demo --quick` end to end on tiny settings (the real demo differs only in sizes), two seeds, resumable."""
     tiny = [f"sft.from_scratch={json.dumps(TINY_MODEL)}", "sft.max_steps=3", "train.seed_epochs=0.3",

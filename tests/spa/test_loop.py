@@ -62,7 +62,7 @@ def test_loop_end_to_end(uninterrupted, capsys):
     table = results_table(cfg.output_dir, 1)
     assert [r["model"] for r in table if r["selected"]] == [["DPO on seed", "SPA iter 1"][best]]
     # a rerun that stops early (--until) keeps the choice made over every iteration
-    spa.run(cfg, until="iter_0/validate")
+    spa.run(cfg, until="iter_0/eval")  # iteration 0 complete: a choice among iteration 0 alone would be stale
     assert read_json(lay.selected) == sel
     assert Config.load(lay.config) == cfg  # the run's config is stored with it
     assert not os.path.exists(lay.path(".partial"))  # work folders are removed once their stage is done
