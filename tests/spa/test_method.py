@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
+from spa.config import JudgeConfig
 from spa.data import PromptEncoder
 from spa.io import Layout
-from spa.config import JudgeConfig
 from spa.judges import (
     ContrastivePromptJudge,
     FunctionJudge,
