@@ -56,7 +56,7 @@ def make_trainer(variant, vocab, opts, device, output_dir):
     from trl import DPOConfig
     from trl import DPOTrainer as TRLDPOTrainer
 
-    from spa_kernels.integrations.toy import char_tokenizer, tiny_llama
+    from tests.toy import char_tokenizer, tiny_llama
     from spa_kernels.integrations.trl import DPOTrainer
 
     tokenizer = char_tokenizer()
