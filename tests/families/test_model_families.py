@@ -133,3 +133,32 @@ def test_spa_trainer_logps_and_rewards(family, tmp_path):
 def test_logit_scale_conventions(config, expected):
     """The conventions TRL 1.16's fused head reads (trl.trainer.utils / distillation_trainer)."""
     assert logit_scale_and_softcap(SimpleNamespace(**config)) == expected
+
+
+def test_dnd_extrapolated_logps(family):
+    """SPA's de-coupled noise detection through the head: reference and extrapolated log-probs equal those of the
+    models' own logits ((1 + lam) z - lam z_ref, each z already scaled / biased as the model's forward makes it).
+    Softcapped models are refused (the extrapolated kernel has no softcap)."""
+    from spa_kernels.integrations.hf import extrapolated_preference_logps
+
+    name, model, want = family
+    ref = build(name)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = pad_sequences(ITEMS, 0, "cpu")
+    if FAMILIES[name][2] == "softcap 0.75":
+        with pytest.raises(ValueError, match="softcapping"):
+            extrapolated_preference_logps(model, ref, batch, lam=0.5, impl="torch")
+        return
+    out = extrapolated_preference_logps(model, ref, batch, lam=0.5, impl="torch")
+    ext = []
+    for prompt, response in ITEMS:
+        ids = torch.tensor([prompt + response])
+        with torch.no_grad():
+            z = 1.5 * model(input_ids=ids).logits[0].double() - 0.5 * ref(input_ids=ids).logits[0].double()
+        lp = torch.log_softmax(z[:-1], -1).gather(1, ids[0, 1:, None])[:, 0]
+        ext.append(lp[len(prompt) - 1:].sum())
+    torch.testing.assert_close(out.logps.double(), want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(out.ref_logps.double(), forward_logps(ref, ITEMS), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(out.extrapolated_logps.double(), torch.stack(ext), rtol=1e-5, atol=1e-4)
