@@ -26,3 +26,30 @@ def test_cuda_chunked_linear_softcap(kernels, temperature, softcap):  # noqa: F8
     for got, r in zip(leaves, ref):
         torch.testing.assert_close(got.grad.double(), r.grad, rtol=1e-4, atol=2e-5)
     assert kernels.calls[0] == "forward" and "backward_into" in kernels.calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("launch", [(1, 0), (0, 128)], ids=["warp", "block128"])
+def test_logprobs_kernels_softcap(emu, dtype, launch):  # noqa: F811
+    """The CUDA device code itself (emulated): forward log-probs and the backward gradient of capped logits, with a
+    row layout that has a misaligned head, aligned packs and a tail, against float64 autograd."""
+    g = torch.Generator().manual_seed(3)
+    V, cap, inv_t = 1031, 2.5, 1 / 0.7
+    logits = (torch.randn(2, 5, V, generator=g) * 8).to(dtype)
+    labels = torch.randint(0, V, (2, 5), generator=g)
+    labels[1, 3] = -100
+    tok, lse, _ = emu.logprobs_forward(logits, labels, -100, inv_t, *launch, cap)
+    up = torch.randn(2, 5, generator=g)
+    grad = torch.empty_like(logits)
+    emu.logprobs_backward(up, logits, labels, lse, -100, inv_t, grad, *launch, cap)
+    x = logits.double().requires_grad_()
+    c = cap * torch.tanh(x * inv_t / cap)
+    lp = torch.log_softmax(c, -1)
+    mask = labels != -100
+    want = lp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+    (want * up.double()).sum().backward()
+    torch.testing.assert_close(tok.double(), want.detach(), rtol=1e-5, atol=2e-5)
+    rtol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(grad.double(), x.grad, rtol=rtol, atol=2e-6 if dtype == torch.float32 else 2e-4)
+    plain, _, _ = emu.logprobs_forward(logits, labels, -100, inv_t, *launch)  # cap 0: no capping
+    assert (plain - tok).abs().max() > 1e-2

@@ -86,15 +86,9 @@ def accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slice_byt
             acc[r:r + rows].add_(torch.mm(a[r:r + rows], b))
 
 
-def softcap_(z: torch.Tensor, inv_temperature: float, softcap: float) -> torch.Tensor:
-    """z <- softcap * tanh(z * inv_temperature / softcap) in place (the chunk's logits, then fed to the backend
-    kernel at temperature 1)."""
-    return z.mul_(inv_temperature / softcap).tanh_().mul_(softcap)
-
-
 def chunked_linear_forward(kernels, hidden, weight, bias, labels, inv_temperature, chunk, softcap=None):
     M = hidden.shape[0]
-    kernel_inv_t = inv_temperature if softcap is None else 1.0
+    cap = {} if softcap is None else {"softcap": softcap}  # the kernels cap the scaled logits themselves
     dt = acc_dtype(hidden.dtype)
     token = hidden.new_empty(M, dtype=dt)
     lse = hidden.new_empty(M, dtype=dt)
@@ -103,9 +97,7 @@ def chunked_linear_forward(kernels, hidden, weight, bias, labels, inv_temperatur
         for s in range(0, M, chunk):
             h = hidden[s:s + chunk]
             z = chunk_logits_into(buf[:h.shape[0]], h, weight, bias).unsqueeze(0)
-            if softcap is not None:
-                softcap_(z, inv_temperature, softcap)
-            t, lse_c = kernels.forward(z, labels[s:s + chunk].unsqueeze(0), _NO_IGNORE, kernel_inv_t)
+            t, lse_c = kernels.forward(z, labels[s:s + chunk].unsqueeze(0), _NO_IGNORE, inv_temperature, **cap)
             token[s:s + chunk] = t[0]
             lse[s:s + chunk] = lse_c[0]
     return token, lse
@@ -120,23 +112,13 @@ def chunked_linear_backward(kernels, grad_token, hidden, weight, bias, labels, l
                          device=weight.device) if need_w else None
     grad_b = torch.zeros(bias.shape, dtype=acc_dtype(bias.dtype), device=bias.device) if need_b else None
     buf = hidden.new_empty(min(chunk, hidden.shape[0]), weight.shape[0])
-    # softcap: the kernel's gradient is with respect to the capped logits c = cap * tanh(z / (T cap)); the chain
-    # rule multiplies it by dc/dz = (1 - (c / cap)^2) / T, kept in a second chunk buffer (the kernel overwrites c)
-    dcap = torch.empty(buf.shape, dtype=acc_dtype(buf.dtype), device=buf.device) if softcap is not None else None
+    cap = {} if softcap is None else {"softcap": softcap}
     with label_check("trusted"):
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s:s + chunk]
             z = chunk_logits_into(buf[:h.shape[0]], h, weight, bias).unsqueeze(0)
-            if softcap is not None:
-                softcap_(z, inv_temperature, softcap)
-                d = dcap[:h.shape[0]]
-                torch.div(z[0], softcap, out=d)
-                d.square_().neg_().add_(1.0).mul_(inv_temperature)
             g = kernels.backward(grad_token[s:s + chunk].unsqueeze(0), z, labels[s:s + chunk].unsqueeze(0),
-                                 lse[s:s + chunk].unsqueeze(0), _NO_IGNORE,
-                                 inv_temperature if softcap is None else 1.0, grad_out=z)[0]
-            if softcap is not None:
-                g.mul_(d)
+                                 lse[s:s + chunk].unsqueeze(0), _NO_IGNORE, inv_temperature, grad_out=z, **cap)[0]
             if need_h:
                 torch.mm(g, weight, out=grad_h[s:s + chunk])
             if need_w:
@@ -153,8 +135,8 @@ def chunked_linear_backward(kernels, grad_token, hidden, weight, bias, labels, l
 def linear_token_logprobs(hidden, weight, bias, labels, inv_temperature: float, chunk_size: int | None, impl: str,
                           softcap: float | None = None):
     """The chunked path for a backend ("cpu" / "cuda"); chunk_size=None picks it from V (and free GPU memory).
-    With softcap the chunk's logits are capped in place before the backend's kernel (and the kernel's gradient
-    multiplied by the cap's derivative in the backward)."""
+    With softcap the backend's kernels cap the chunk's scaled logits (softcap * tanh(u / softcap)) in forward and
+    backward."""
     chunk = chunk_size or chunk_size_for(hidden.shape[0], weight.shape[0], weight.dtype, weight.device)
     return ChunkedLinearLogprobsFunction.apply(hidden, weight, bias, labels, inv_temperature, chunk, impl, softcap)
 
