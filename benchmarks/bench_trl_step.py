@@ -56,8 +56,8 @@ def make_trainer(variant, vocab, opts, device, output_dir):
     from trl import DPOConfig
     from trl import DPOTrainer as TRLDPOTrainer
 
-    from spa_kernels.integrations.toy import char_tokenizer, tiny_llama
     from spa_kernels.integrations.trl import DPOTrainer
+    from tests.toy import char_tokenizer, tiny_llama
 
     tokenizer = char_tokenizer()
     dtype = getattr(torch, opts.dtype)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
+import sys
 import tempfile
 
 import torch
@@ -16,7 +18,9 @@ from datasets import Dataset
 from transformers import TrainingArguments
 
 from spa_kernels.integrations.hf import PreferenceTrainer
-from spa_kernels.integrations.toy import arithmetic_preferences, char_tokenizer, tiny_llama
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # the checkout: tests/toy.py
+from tests.toy import arithmetic_preferences, char_tokenizer, tiny_llama  # noqa: E402
 
 
 def main(argv=None) -> PreferenceTrainer:

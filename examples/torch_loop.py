@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
+import sys
 
 import torch
 from torch.utils.data import DataLoader
 
 from spa_kernels.integrations.hf import PreferenceCollator, add_logprob_head, preference_loss_from_model
-from spa_kernels.integrations.toy import arithmetic_preferences, char_tokenizer, tiny_llama
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # the checkout: tests/toy.py
+from tests.toy import arithmetic_preferences, char_tokenizer, tiny_llama  # noqa: E402
 
 
 def main(argv=None) -> list[dict]:

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
+import sys
 import tempfile
 
 import torch
 from datasets import Dataset
 from trl import DPOConfig
 
-from spa_kernels.integrations.toy import arithmetic_preferences, char_tokenizer, tiny_llama
 from spa_kernels.integrations.trl import DPOTrainer  # was: from trl import DPOTrainer
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # the checkout: tests/toy.py
+from tests.toy import arithmetic_preferences, char_tokenizer, tiny_llama  # noqa: E402
 
 
 def main(argv=None) -> DPOTrainer:

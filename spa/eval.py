@@ -21,7 +21,7 @@ from . import data as data_mod
 from .generate import generate_responses
 from .io import Layout, atomic_write_json, atomic_write_jsonl, read_json, read_jsonl, remove_partial, sharded
 from .judges import ImplicitRewardJudge, init_model_path
-from .modeling import load_causal_lm, load_tokenizer, resolve_device
+from .modeling import kernel_impl, load_causal_lm, load_tokenizer, resolve_device
 from .oracle import load_oracle, pairwise_win
 from .validation import model_label
 
@@ -96,7 +96,8 @@ def run_eval(cfg, iteration: int | None) -> str:
         pairs, _ = data_mod.load_pairs(e.pairs, e.pairs_split, cfg.data.skip_invalid)
         pairs = pairs[:e.max_prompts] if e.max_prompts else pairs
         reference = load_causal_lm(init_model_path(cfg), cfg.model, device)
-        judge = ImplicitRewardJudge(model, reference, enc, cfg.judge.beta, cfg.judge.batch_size, cfg.train.kernel_impl)
+        judge = ImplicitRewardJudge(model, reference, enc, cfg.judge.beta, cfg.judge.batch_size,
+                                    kernel_impl(cfg))
         kept = [p for p in pairs if enc.encode(p["prompt"]) is not None]
         scores = judge.score([{"prompt": p["prompt"], "responses": [p["chosen"], p["rejected"]]} for p in kept])
         result["eval/reward_accuracy"] = sum(pairwise_win(c, r) for c, r in scores) / len(scores)

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from . import data as data_mod
 from .io import Layout, atomic_write_json, atomic_write_jsonl, read_jsonl, remove_partial, sharded
-from .modeling import load_causal_lm, load_tokenizer, resolve_device, score_sequences
+from .modeling import kernel_impl, load_causal_lm, load_tokenizer, resolve_device, score_sequences
 from .oracle import load_oracle, pairwise_win
 from .select import NEEDS_EMBEDDINGS, select_pair
 from .validation import judge_validation, validation_rows, warn_if_length_decides, warn_if_uninformative
@@ -263,7 +263,7 @@ def build_judge(cfg, iteration: int):
     policy_path = lay.model(iteration - 1)
     tok = load_tokenizer(policy_path, cfg.model.trust_remote_code)
     enc = data_mod.PromptEncoder(tok, cfg.data.max_prompt_length, cfg.data.long_prompts, cfg.data.chat_template)
-    impl = cfg.train.kernel_impl
+    impl = kernel_impl(cfg)
     if j.type == "implicit":
         policy = load_causal_lm(policy_path, cfg.model, device)
         reference = None if j.reference == "none" else load_causal_lm(judge_reference_path(cfg, iteration),
@@ -322,7 +322,7 @@ def run_judge(cfg, iteration: int) -> str:
         judged = judge_rows(judge, rows, enc, cfg.judge, embeddings=isinstance(judge, ImplicitRewardJudge) and need_emb)
         scores, embs = judged.scores, judged.embeddings
         if need_emb and embs is None:
-            embs = response_embeddings(embedder, enc, rows, cfg.judge.batch_size, cfg.train.kernel_impl)
+            embs = response_embeddings(embedder, enc, rows, cfg.judge.batch_size, kernel_impl(cfg))
         out = []
         for n, (r, sc) in enumerate(zip(rows, scores)):
             rng = random.Random(f"{cfg.seed}/select/{iteration}/{r['id']}")

@@ -1,13 +1,18 @@
-"""Models and batched scoring: loading like any hub model, last hidden states, and per-sequence log-probs from
-the hidden states and the lm_head weight through spa_kernels (never [batch, seq, vocab] logits)."""
+"""Models and batched scoring: loading like any hub model, and per-sequence log-probs (with the last hidden states)
+through spa_kernels' fused head (spa_kernels.integrations: the model's own forward, then its lm_head with logit
+scaling, softcapping, bias and tied or gathered weights handled in one place; never [batch, seq, vocab] logits).
+Every stage scores sequences here, with the kernel implementation from kernel_impl(cfg)."""
 
 from __future__ import annotations
 
 import torch
 
-import spa_kernels as sk
-
 IGNORE = -100
+
+
+def kernel_impl(cfg) -> str:
+    """The spa_kernels implementation every stage uses (train, judge, validate, eval): `train.kernel_impl`."""
+    return cfg.train.kernel_impl
 
 
 def resolve_device(name: str) -> torch.device:
@@ -44,25 +49,10 @@ def load_causal_lm(path: str, mcfg, device: torch.device | None = None, train: b
     return model
 
 
-def output_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight [V, H], bias [V] | None) of the lm_head, refusing heads that are more than a linear layer."""
-    cfg = model.config
-    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
-        if getattr(cfg, attr, None) not in (None, 1, 1.0):
-            raise NotImplementedError(f"{type(model).__name__} transforms its logits ({attr}={getattr(cfg, attr)}); "
-                                      "spa computes log-probs from hidden states @ lm_head only")
-    head = model.get_output_embeddings()
-    return head.weight, getattr(head, "bias", None)
-
-
-def last_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The decoder's final (normed) hidden states [N, T, H], without running the lm_head."""
-    return model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-
-
 def pad_sequences(items: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict[str, torch.Tensor]:
-    """Right-padded input_ids / attention_mask and labels already shifted for the hidden states: labels[:, t] is the
-    token at t+1 when it belongs to the response, else IGNORE; plus response_mask marking response positions."""
+    """Right-padded input_ids / attention_mask, labels aligned with input_ids (the response tokens, IGNORE on the
+    prompt and the padding; shifted inside the model as for its own loss) and response_mask marking the response
+    positions."""
     T = max(len(p) + len(r) for p, r in items)
     N = len(items)
     ids = torch.full((N, T), pad_id, dtype=torch.long)
@@ -73,7 +63,7 @@ def pad_sequences(items: list[tuple[list[int], list[int]]], pad_id: int, device)
         n = len(p) + len(r)
         ids[i, :n] = torch.tensor(p + r)
         att[i, :n] = 1
-        labels[i, len(p) - 1:n - 1] = torch.tensor(r)
+        labels[i, len(p):n] = torch.tensor(r)
         resp[i, len(p):n] = True
     return {"input_ids": ids.to(device), "attention_mask": att.to(device), "labels": labels.to(device),
             "response_mask": resp.to(device)}
@@ -81,10 +71,10 @@ def pad_sequences(items: list[tuple[list[int], list[int]]], pad_id: int, device)
 
 def batch_logps(model, batch: dict, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """(summed response log-probs [N] float32, last hidden states [N, T, H]) for a pad_sequences batch."""
-    hidden = last_hidden_states(model, batch["input_ids"], batch["attention_mask"])
-    weight, bias = output_head(model)
-    logps = sk.linear_sequence_logprobs(hidden, weight, batch["labels"], bias=bias, impl=impl)
-    return logps, hidden
+    from spa_kernels.integrations.hf import sequence_logprobs
+
+    out = sequence_logprobs(model, batch, return_hidden=True, impl=impl)
+    return out.logps, out.hidden_states
 
 
 def mean_response_embedding(hidden: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:

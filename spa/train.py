@@ -1,10 +1,13 @@
 """The sft and train stages, both on transformers.Trainer (logging via report_to, gradient accumulation, bf16,
 gradient checkpointing, checkpoints, DeepSpeed / FSDP configs come from transformers).
 
-train: DPO-family training on preference pairs. The loss runs on the last hidden states and the lm_head weight
-through spa_kernels (linear_sequence_logprobs, or linear_spa_sequence_logprobs for de-coupled noise detection), so
-[batch, seq, vocab] logits never exist. Without DND the reference log-probs are computed once before training and
-the reference model is freed; with DND the reference model stays and gives its hidden states per step (no_grad).
+train: DPO-family training on preference pairs (SPATrainer, built on spa_kernels.integrations.hf's
+PreferenceLossMixin). Log-probs come from spa_kernels' fused head (linear_sequence_logprobs, or
+linear_spa_sequence_logprobs for de-coupled noise detection) through the model's own forward and its lm_head module,
+so [batch, seq, vocab] logits never exist and logit scaling, softcapping, bias, tied weights and FSDP / ZeRO-3
+gathering are handled where the drop-in trainers handle them. Without DND the reference log-probs are computed once
+before training and the reference model is freed; with DND the reference model stays and gives its hidden states
+per step (no_grad).
   iteration 0      DPO (sigmoid) on the seed, from pi_init with reference pi_init, train.seed_epochs epochs
   iteration i >= 1 train.iteration_loss on iter_<i>/pairs.jsonl, from pi_{i-1} with reference pi_{i-1}: "spa" is
                    the self-refined loss (spa.refine) when refine.enabled, lam = refine.lam[i-1] when refine.dnd
@@ -34,6 +37,14 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 import spa_kernels as sk
+from spa_kernels import preference_margins
+from spa_kernels.integrations.hf import (
+    PreferenceLossMixin,
+    ensure_logprob_head,
+    extrapolated_preference_logps,
+    reference_logps,
+    sequence_logprobs,
+)
 
 from . import data as data_mod
 from .io import (
@@ -48,7 +59,7 @@ from .io import (
     seed_everything,
 )
 from .judges import init_model_path
-from .modeling import load_causal_lm, load_tokenizer, output_head, pad_sequences, resolve_device, score_sequences
+from .modeling import kernel_impl, load_causal_lm, load_tokenizer, pad_sequences, resolve_device, score_sequences
 from .refine import NoiseDetector, lam_for_iteration, refine_alpha
 
 logger = logging.getLogger("spa")
@@ -91,7 +102,8 @@ def tokenize_pairs(pairs: list[dict], enc: data_mod.PromptEncoder, max_length: i
 
 class PairCollator:
     """[2B, T] batch, chosen rows first then rejected (as spa_kernels, TRL and Liger expect), right padded, labels
-    shifted for the hidden states; ref_logps [2B] and score_margin [B] when the features have them."""
+    aligned with input_ids (the responses; -100 elsewhere); ref_chosen_logps / ref_rejected_logps [B] and
+    score_margin [B] when the features have them."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
@@ -102,7 +114,8 @@ class PairCollator:
         batch = pad_sequences(items, self.pad_id, "cpu")
         batch.pop("response_mask")
         if "ref_chosen" in feats[0]:
-            batch["ref_logps"] = torch.tensor([f["ref_chosen"] for f in feats] + [f["ref_rejected"] for f in feats])
+            batch["ref_chosen_logps"] = torch.tensor([f["ref_chosen"] for f in feats], dtype=torch.float32)
+            batch["ref_rejected_logps"] = torch.tensor([f["ref_rejected"] for f in feats], dtype=torch.float32)
         if "score_margin" in feats[0]:
             batch["score_margin"] = torch.tensor([f["score_margin"] for f in feats], dtype=torch.float32)
         return batch
@@ -212,56 +225,45 @@ class SFTTrainer(FiniteGuard, Trainer):
     """transformers.Trainer (causal-LM loss) with the non-finite guards."""
 
 
-class PreferenceTrainer(FiniteGuard, Trainer):
-    """transformers.Trainer with a DPO-family loss from hidden states (spa_kernels).
+class SPATrainer(FiniteGuard, PreferenceLossMixin, Trainer):
+    """The train stage's transformers.Trainer: spa_kernels.integrations.hf's PreferenceLossMixin (log-probs through
+    the fused head, TRL's metric names, averaged over steps and processes) with SPA's losses and guards.
 
     loss_type: "sigmoid" (DPO), "spa" (self-refined; needs `detector`, optional `lam` for DND), "dlma" (margin from
     the batch's score_margin). With lam, `ref_model` gives the reference hidden states per step; otherwise the batch
-    carries precomputed ref_logps. Logs TRL's metric names plus refine/... for the spa loss."""
+    carries precomputed ref_chosen_logps / ref_rejected_logps. Logs refine/... besides TRL's names for the spa
+    loss."""
 
     def __init__(self, *args, loss_type: str = "sigmoid", beta: float = 0.1, ref_model=None, lam: float | None = None,
                  detector: NoiseDetector | None = None, refine_alpha: float = 0.1, refine_warmup: float = 0.2,
                  dlma_gamma: float = 0.2, kernel_impl: str = "auto", **kwargs):
-        super().__init__(*args, **kwargs)
         if loss_type == "spa" and detector is None:
             raise ValueError("loss_type='spa' needs a NoiseDetector")
         if lam is not None and ref_model is None:
             raise ValueError("lam (DND) needs ref_model: the reference hidden states are computed per step")
+        model = kwargs["model"] if "model" in kwargs else args[0]
+        ensure_logprob_head(model, kernel_impl)  # before the Trainer wraps the model
+        super().__init__(*args, **kwargs)
+        if ref_model is not None:
+            ensure_logprob_head(ref_model, kernel_impl)
         self.loss_type, self.beta, self.ref_model, self.lam = loss_type, beta, ref_model, lam
         self.detector, self.alpha, self.refine_warmup = detector, refine_alpha, refine_warmup
         self.dlma_gamma, self.kernel_impl = dlma_gamma, kernel_impl
-        self._metrics: dict[str, list[float]] = defaultdict(list)
+        self.preference_options = dict(beta=beta, loss_type=loss_type, impl=kernel_impl)
 
-    @staticmethod
-    def _hidden(model, batch):
-        # Through the (possibly DDP/DeepSpeed-wrapped) forward; logits_to_keep=1 keeps the lm_head to one position.
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                    output_hidden_states=True, logits_to_keep=1)
-        return out.hidden_states[-1]
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = inputs["labels"]
-        hidden = self._hidden(model, inputs)
-        weight, bias = output_head(self.accelerator.unwrap_model(model))
+    def preference_step(self, model, inputs):
+        impl = self.kernel_impl
         if self.lam is not None:
-            with torch.no_grad():
-                ref_hidden = self._hidden(self.ref_model, inputs)
-                ref_weight, ref_bias = output_head(self.ref_model)
-            logps, ref, ext = sk.linear_spa_sequence_logprobs(hidden, weight, ref_hidden.to(hidden.dtype),
-                                                              ref_weight.to(weight.dtype), labels, lam=self.lam,
-                                                              bias=bias, ref_bias=ref_bias, impl=self.kernel_impl)
+            out = extrapolated_preference_logps(model, self.ref_model, inputs, lam=self.lam, impl=impl)
+            logps, ref, ext = out.logps, out.ref_logps, out.extrapolated_logps
         else:
-            logps = sk.linear_sequence_logprobs(hidden, weight, labels, bias=bias, impl=self.kernel_impl)
-            ref, ext = inputs["ref_logps"].to(logps.dtype), None
+            logps = sequence_logprobs(model, inputs, impl=impl).logps
+            ref, ext = torch.cat(reference_logps(model, inputs, self.ref_model, impl=impl)), None
         pc, pr = logps.chunk(2)
-        rc, rr = ref.chunk(2)
+        rc, rr = ref.to(logps.device, logps.dtype).chunk(2)
         kw, extra = {}, {}
         if self.loss_type == "spa":
-            if ext is not None:
-                ec, er = ext.chunk(2)
-                margins = self.beta * ((ec - rc) - (er - rr))
-            else:
-                margins = self.beta * ((pc - rc) - (pr - rr)).detach()
+            margins = preference_margins(*(ext.chunk(2) if ext is not None else (pc, pr)), rc, rr, self.beta)
             noisy, threshold = self.detector(margins)
             a = refine_alpha(self.state.global_step, max(self.state.max_steps, 1), self.alpha, self.refine_warmup)
             kw = {"noisy": noisy, "refine_alpha": a}
@@ -269,15 +271,7 @@ class PreferenceTrainer(FiniteGuard, Trainer):
         elif self.loss_type == "dlma":
             kw = {"margin": sk.dlma_margin(inputs["score_margin"].to(pc.device), gamma=self.dlma_gamma)}
         out = sk.preference_loss(pc, pr, rc, rr, beta=self.beta, loss_type=self.loss_type, **kw)
-        out = dataclasses.replace(out, chosen_logps=pc.detach(), rejected_logps=pr.detach())
-        for k, v in {**out.metrics(), **extra}.items():
-            self._metrics[k].append(float(v))
-        return (out.loss, out) if return_outputs else out.loss
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        logs.update({k: sum(v) / len(v) for k, v in self._metrics.items() if v})
-        self._metrics.clear()
-        super().log(logs, start_time)
+        return dataclasses.replace(out, chosen_logps=pc.detach(), rejected_logps=pr.detach()), extra
 
     def _save_checkpoint(self, model, trial):
         # The detector's window is written before the Trainer's files; a checkpoint counts as complete only once
@@ -439,7 +433,7 @@ def run_train(cfg, iteration: int) -> str:
                 for f_, (c, r) in zip(feats, json.load(f)):
                     f_["ref_chosen"], f_["ref_rejected"] = c, r
         else:
-            precompute_ref_logps(ref_model, feats, tok.pad_token_id, cfg.judge.batch_size, t.kernel_impl)
+            precompute_ref_logps(ref_model, feats, tok.pad_token_id, cfg.judge.batch_size, kernel_impl(cfg))
             atomic_write_json(cache, [[f_["ref_chosen"], f_["ref_rejected"]] for f_ in feats])
         del ref_model
         ref_model = None
@@ -448,12 +442,12 @@ def run_train(cfg, iteration: int) -> str:
                           lr=t.learning_rate, epochs=epochs, scheduler=t.lr_scheduler_type, warmup=t.warmup_ratio,
                           weight_decay=t.weight_decay)
     detector = NoiseDetector(cfg.refine.percentile, cfg.refine.window) if loss_type == "spa" else None
-    trainer = PreferenceTrainer(model=model, args=args, train_dataset=ListDataset(feats),
-                                data_collator=PairCollator(tok.pad_token_id), processing_class=tok,
-                                loss_type=loss_type, beta=t.beta, ref_model=ref_model, lam=lam, detector=detector,
-                                refine_alpha=cfg.refine.alpha, refine_warmup=cfg.refine.warmup_ratio,
-                                dlma_gamma=t.dlma_gamma, kernel_impl=t.kernel_impl,
-                                callbacks=[CrashPointCallback("train")])
+    trainer = SPATrainer(model=model, args=args, train_dataset=ListDataset(feats),
+                         data_collator=PairCollator(tok.pad_token_id), processing_class=tok,
+                         loss_type=loss_type, beta=t.beta, ref_model=ref_model, lam=lam, detector=detector,
+                         refine_alpha=cfg.refine.alpha, refine_warmup=cfg.refine.warmup_ratio,
+                         dlma_gamma=t.dlma_gamma, kernel_impl=kernel_impl(cfg),
+                         callbacks=[CrashPointCallback("train")])
     trainer.stage = f"{name}/train"
     quiet_progress(trainer, f"train {name}")
     t0 = time.perf_counter()
@@ -474,9 +468,7 @@ class SFTCollator:
 
     def __call__(self, feats):
         batch = pad_sequences([(f["prompt_ids"], f["response_ids"]) for f in feats], self.pad_id, "cpu")
-        labels = torch.full_like(batch["labels"], -100)  # HF's causal-LM loss shifts itself: unshifted labels
-        labels[:, 1:] = batch["labels"][:, :-1]
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": batch["labels"]}
 
 
 def new_model(tok, spec: dict):

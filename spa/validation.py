@@ -25,6 +25,7 @@ import torch
 
 from . import data as data_mod
 from .io import Layout, atomic_write_json, read_json
+from .modeling import kernel_impl
 from .oracle import pairwise_win
 
 logger = logging.getLogger("spa")
@@ -131,7 +132,7 @@ def run_validate(cfg, iteration: int) -> str:
     model = load_causal_lm(path, cfg.model, device)
     reference = load_causal_lm(init_model_path(cfg), cfg.model, device)
     metrics = model_validation(model, reference, enc, rows, cfg.train.beta, cfg.judge.batch_size,
-                               cfg.train.kernel_impl)
+                               kernel_impl(cfg))
     out = lay.validation(iteration)
     atomic_write_json(out, metrics)
     m = metrics

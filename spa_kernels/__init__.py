@@ -1,4 +1,4 @@
-"""spa_kernels: fused per-sequence log-prob kernels and DPO-family losses (SPEC.md section 3 is the contract).
+"""spa_kernels: fused per-sequence log-prob kernels and DPO-family losses.
 
     import spa_kernels as sk
     logps = sk.sequence_logprobs(logits, labels)                          # [N] float32, no [N,T,V] log-softmax
@@ -11,7 +11,7 @@ Every op takes impl="auto" | "torch" | "cpu" | "triton" | "cuda"; SPA_KERNELS_IM
 
 from ._dispatch import available_impls
 from ._validation import flush_label_checks
-from .losses import LOSS_TYPES, PreferenceLossOutput, dlma_margin, preference_loss
+from .losses import LOSS_TYPES, PreferenceLossOutput, dlma_margin, preference_loss, preference_margins
 from .nn import FusedLinearPreferenceLoss
 from .ops.linear_logprobs import linear_sequence_logprobs, linear_token_logprobs
 from .ops.linear_spa_logprobs import linear_spa_sequence_logprobs
@@ -31,6 +31,7 @@ __all__ = [
     "linear_spa_sequence_logprobs",
     "linear_token_logprobs",
     "preference_loss",
+    "preference_margins",
     "sequence_logprobs",
     "spa_sequence_logprobs",
     "token_logprobs",

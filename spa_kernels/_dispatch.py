@@ -35,7 +35,6 @@ AUTO_ORDER_CPU = ("cpu", "torch")
 # "auto" on CUDA tensors when there is no measurement (see the module docstring), per op; ops not listed use the
 # default.
 AUTO_ORDER_CUDA_DEFAULT = ("triton", "cuda", "torch")
-AUTO_ORDER_CUDA: dict[str, tuple[str, ...]] = {}
 
 
 def _triton_interpret() -> bool:
@@ -124,7 +123,7 @@ def auto_order(op: str, device: torch.device, tensors: dict[str, torch.Tensor | 
     """The implementations "auto" tries, in order, for `op` on these tensors."""
     if device.type != "cuda":
         return AUTO_ORDER_CPU
-    static = AUTO_ORDER_CUDA.get(op, AUTO_ORDER_CUDA_DEFAULT)
+    static = AUTO_ORDER_CUDA_DEFAULT
     if tensors is None:
         return static
     from . import autotune  # imported on first use: the table is only read for impl="auto" on CUDA tensors

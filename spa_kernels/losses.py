@@ -59,6 +59,14 @@ class PreferenceLossOutput:
         return {prefix + k: v for k, v in out.items()}
 
 
+def preference_margins(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
+                       ref_rejected_logps: torch.Tensor, beta: float) -> torch.Tensor:
+    """beta * h = beta * ((logp_c - ref_c) - (logp_r - ref_r)) per pair, detached. With the log-probs of the
+    extrapolated logits (1 + lam) z - lam z_ref in place of logp (linear_spa_sequence_logprobs), this is SPA's
+    de-coupled noise-detection margin; spa.refine compares it with a running percentile to mark noisy pairs."""
+    return (beta * ((chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps))).detach()
+
+
 def dlma_margin(self_reward: torch.Tensor, gamma: float = 0.2, clamp: float = 40.0) -> torch.Tensor:
     """DLMA's margin gamma * clamp(R, -clamp, clamp) from the contrastive self-reward R (spa.judges computes R)."""
     return gamma * self_reward.float().clamp(-clamp, clamp)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .losses import LOSS_TYPES, PreferenceLossOutput, preference_loss
+from .losses import LOSS_TYPES, PreferenceLossOutput, preference_loss, preference_margins
 from .ops.linear_logprobs import linear_sequence_logprobs
 from .ops.linear_spa_logprobs import linear_spa_sequence_logprobs
 
@@ -27,7 +27,8 @@ class FusedLinearPreferenceLoss(nn.Module):
         lam: SPA's extrapolation coefficient for de-coupled noise detection (loss_type="spa"); needs ref_hidden.
         noise_threshold: with lam, a pair is noisy when beta * h_extrapolated <= noise_threshold (SPA compares with
             a running percentile: spa.refine keeps it and passes it here, or passes `noisy` directly).
-        ignore_index, temperature, impl, chunk_size: as in linear_sequence_logprobs.
+        ignore_index, temperature, softcap, impl, chunk_size: as in linear_sequence_logprobs (softcap: final-logit
+            softcapping; not with lam).
 
     forward(hidden [2B, T, H], weight [V, H], labels [2B, T], bias=None, *, ref_logps=None | [2B] | (chosen, rejected),
             ref_hidden=None, ref_weight=None, ref_bias=None, noisy=None, margin=None, lam=None,
@@ -39,14 +40,14 @@ class FusedLinearPreferenceLoss(nn.Module):
                  ignore_index: int = -100, average_log_prob: bool | None = None, temperature: float = 1.0,
                  refine_alpha: float = 0.1, simpo_gamma: float = 0.5, lam: float | None = None,
                  noise_threshold: float | None = None, reduction: str = "mean", impl: str = "auto",
-                 chunk_size: int | None = None):
+                 chunk_size: int | None = None, softcap: float | None = None):
         super().__init__()
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type={loss_type!r} is not one of {LOSS_TYPES}")
         if lam is not None and loss_type != "spa":
             raise ValueError(f"lam (extrapolated noise detection) needs loss_type='spa', got {loss_type!r}")
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
-        self.ignore_index, self.temperature = ignore_index, temperature
+        self.ignore_index, self.temperature, self.softcap = ignore_index, temperature, softcap
         self.average_log_prob = loss_type in ("ipo", "simpo") if average_log_prob is None else average_log_prob
         self.refine_alpha, self.simpo_gamma, self.reduction = refine_alpha, simpo_gamma, reduction
         self.lam, self.noise_threshold, self.impl, self.chunk_size = lam, noise_threshold, impl, chunk_size
@@ -77,19 +78,19 @@ class FusedLinearPreferenceLoss(nn.Module):
         if lam is not None:
             if self.loss_type != "spa" or ref_hidden is None:
                 raise ValueError("lam (extrapolated noise detection) needs loss_type='spa' and ref_hidden/ref_weight")
-            if self.temperature != 1.0:
-                raise ValueError("lam with temperature != 1 is not supported")
+            if self.temperature != 1.0 or self.softcap is not None:
+                raise ValueError("lam with temperature != 1 or softcap is not supported")
             logps, ref, ext = linear_spa_sequence_logprobs(hidden, weight, ref_hidden, ref_weight, labels, lam=lam,
                                                            bias=bias, ref_bias=ref_bias, **common)
             ext_c, ext_r = _split_pairs(ext, "hidden")
         else:
             logps = linear_sequence_logprobs(hidden, weight, labels, bias=bias, temperature=self.temperature,
-                                             **common)
+                                             softcap=self.softcap, **common)
             ref = None
             if needs_ref and ref_hidden is not None:
                 with torch.no_grad():
                     ref = linear_sequence_logprobs(ref_hidden, ref_weight, labels, bias=ref_bias,
-                                                   temperature=self.temperature, **common)
+                                                   temperature=self.temperature, softcap=self.softcap, **common)
         chosen, rejected = _split_pairs(logps, "hidden")
 
         if ref is not None:
@@ -106,7 +107,7 @@ class FusedLinearPreferenceLoss(nn.Module):
             ref_c = ref_r = None
 
         if lam is not None:
-            extrapolated = self.beta * ((ext_c - ref_c) - (ext_r - ref_r))
+            extrapolated = preference_margins(ext_c, ext_r, ref_c, ref_r, self.beta)
             if noisy is None:
                 if noise_threshold is None:
                     raise ValueError("loss_type='spa' with lam needs `noisy` or `noise_threshold`")

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import torch
 
-BIG = float("nan")
-
 
 def oracle_token_logprobs(logits, labels, ignore_index=-100, temperature=1.0):
     lp = torch.log_softmax(logits.double() / temperature, -1)

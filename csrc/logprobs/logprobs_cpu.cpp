@@ -8,8 +8,9 @@ namespace spa {
 
 // logits [N, T, V] (any strides over N and T, unit stride over V), labels [N, T] int64.
 // Returns (token_logprobs [N, T], lse [N, T]) in the accumulation dtype; ignored tokens get 0 in both.
+// softcap > 0: the scaled logits u are capped to softcap * tanh(u / softcap) first (0: no capping).
 std::tuple<at::Tensor, at::Tensor> logprobs_forward_cpu(const at::Tensor& logits, const at::Tensor& labels,
-                                                        int64_t ignore_index, double inv_temperature) {
+                                                        int64_t ignore_index, double inv_temperature, double softcap) {
   check_logits(logits, "logits");
   check_labels(labels, logits);
   TORCH_CHECK(logits.device().is_cpu() && labels.device().is_cpu(), "logprobs_forward_cpu needs CPU tensors");
@@ -30,6 +31,7 @@ std::tuple<at::Tensor, at::Tensor> logprobs_forward_cpu(const at::Tensor& logits
     A* tok = token.data_ptr<A>();
     A* lsep = lse.data_ptr<A>();
     const A scale = static_cast<A>(inv_temperature);
+    const A cap = static_cast<A>(softcap);
     at::parallel_for(0, N * T, row_grain(V), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t label = y[r];
@@ -41,9 +43,9 @@ std::tuple<at::Tensor, at::Tensor> logprobs_forward_cpu(const at::Tensor& logits
           continue;
         }
         const scalar_t* x = base + (r / T) * sN + (r % T) * sT;
-        const A l = RowOps<scalar_t>::logsumexp(x, V, scale);
+        const A l = RowOps<scalar_t>::logsumexp(x, V, scale, cap);
         lsep[r] = l;
-        tok[r] = static_cast<A>(x[label]) * scale - l;
+        tok[r] = softcapped(static_cast<A>(x[label]) * scale, cap) - l;
       }
     });
   });
@@ -51,12 +53,13 @@ std::tuple<at::Tensor, at::Tensor> logprobs_forward_cpu(const at::Tensor& logits
   return {token, lse};
 }
 
-// grad_logits[n, t, :] = grad_token[n, t] * (onehot(label) - softmax(logits * s)) * s, s = 1 / temperature.
+// grad_logits[n, t, :] = grad_token[n, t] * (onehot(label) - softmax(logits * s)) * s, s = 1 / temperature (with
+// softcap > 0: the softmax of the capped logits c, times 1 - (c / softcap)^2).
 // grad_out: optional destination of logits' shape and dtype (unit stride over V); passing logits itself makes the
 // backward in place (the caller must not use logits afterwards). Ignored tokens get zero rows.
 at::Tensor logprobs_backward_cpu(const at::Tensor& grad_token, const at::Tensor& logits, const at::Tensor& labels,
                                  const at::Tensor& lse, int64_t ignore_index, double inv_temperature,
-                                 const std::optional<at::Tensor>& grad_out) {
+                                 const std::optional<at::Tensor>& grad_out, double softcap) {
   check_logits(logits, "logits");
   check_labels(labels, logits);
   const int64_t N = logits.size(0), T = logits.size(1), V = logits.size(2);
@@ -88,6 +91,7 @@ at::Tensor logprobs_backward_cpu(const at::Tensor& grad_token, const at::Tensor&
     const A* g = g_c.const_data_ptr<A>();
     const A* l = lse_c.const_data_ptr<A>();
     const A scale = static_cast<A>(inv_temperature);
+    const A cap = static_cast<A>(softcap);
     at::parallel_for(0, N * T, row_grain(V), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t n = r / T, t = r % T;
@@ -98,7 +102,7 @@ at::Tensor logprobs_backward_cpu(const at::Tensor& grad_token, const at::Tensor&
           std::fill(gx, gx + V, scalar_t(0));
           continue;
         }
-        RowOps<scalar_t>::softmax_grad_row(base + n * sN + t * sT, gx, V, scale, l[r], g[r], label);
+        RowOps<scalar_t>::softmax_grad_row(base + n * sN + t * sT, gx, V, scale, l[r], g[r], label, cap);
       }
     });
   });

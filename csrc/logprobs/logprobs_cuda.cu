@@ -19,8 +19,8 @@ template <typename scalar_t, bool kWarpPerRow>
 __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
     logprobs_forward_kernel(const scalar_t* __restrict__ logits, int64_t sN, int64_t sT,
                             const int64_t* __restrict__ labels, int64_t rows, int64_t T, int V,
-                            int64_t ignore_index, float scale, float* __restrict__ token, float* __restrict__ lse,
-                            unsigned long long* __restrict__ bad) {
+                            int64_t ignore_index, float scale, float cap, float* __restrict__ token,
+                            float* __restrict__ lse, unsigned long long* __restrict__ bad) {
   const RowThread<kWarpPerRow> rt;
   if (rt.row >= rows) return;  // uniform over the row's threads (a whole warp, or the whole block)
   const int64_t r = rt.row;
@@ -38,7 +38,8 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
   MaxSum st[1] = {{-INFINITY, 0.f}};
   const scalar_t* const rows_in[1] = {x};
   walk_row<scalar_t, 1>(
-      split_row(x, V), V, rt.tid, rt.nthreads, [&](int i) { add_scalar(st[0], static_cast<float>(x[i]), scale); },
+      split_row(x, V), V, rt.tid, rt.nthreads,
+      [&](int i) { add_scalar(st[0], static_cast<float>(x[i]), scale, cap); },
       [&](int, const Pack<scalar_t>& a) {
         constexpr int kVec = Pack<scalar_t>::kSize;
         float f[kVec];
@@ -48,9 +49,10 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
           f[k] = static_cast<float>(a.v[k]);
           vmax = nan_max(vmax, f[k]);
         }
-        if (raise_max(st[0], scaled(vmax, scale))) {
+        // tanh is increasing: the capped max is the max of the capped logits
+        if (raise_max(st[0], capped(vmax, scale, cap))) {
 #pragma unroll
-          for (int k = 0; k < kVec; ++k) st[0].s += __expf(scaled(f[k], scale) - st[0].m);
+          for (int k = 0; k < kVec; ++k) st[0].s += __expf(capped(f[k], scale, cap) - st[0].m);
         }
       },
       rows_in);
@@ -60,7 +62,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
     const float l = row_lse(st[0], log_s);
     lse[r] = l;
     // u_label - m is exact near the max, so a confident token's log-prob keeps its small digits.
-    token[r] = isnan(l) ? l : (scaled(x_label, scale) - st[0].m) - log_s;
+    token[r] = isnan(l) ? l : (capped(x_label, scale, cap) - st[0].m) - log_s;
   }
 }
 
@@ -82,8 +84,8 @@ template <typename scalar_t, bool kWarpPerRow>
 __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
     logprobs_backward_kernel(const float* __restrict__ grad_token, const scalar_t* logits, int64_t sN, int64_t sT,
                              const int64_t* __restrict__ labels, const float* __restrict__ lse, int64_t rows,
-                             int64_t T, int V, int64_t ignore_index, float scale, scalar_t* grad, int64_t gN,
-                             int64_t gT) {
+                             int64_t T, int V, int64_t ignore_index, float scale, float cap, scalar_t* grad,
+                             int64_t gN, int64_t gT) {
   constexpr int kVec = Pack<scalar_t>::kSize;
   const RowThread<kWarpPerRow> rt;
   if (rt.row >= rows) return;
@@ -103,7 +105,11 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
   // coef * (1 - p) is formed in float32 with expm1 (no cancellation when p is close to 1) and rounded to the storage
   // type once: the thread that meets the label writes the plain term first and overwrites it after its walk, which
   // keeps expm1 out of the unrolled loops (the element is read and written by that thread only, in program order).
-  auto other_term = [&](float xv) { return -coef * __expf(scaled(xv, scale) - l); };
+  // With a softcap each term is also multiplied by 1 - (c / cap)^2 of its capped logit c.
+  auto other_term = [&](float xv) {
+    const float c = capped(xv, scale, cap);
+    return -coef * __expf(c - l) * softcap_slope(c, cap);
+  };
   bool own_label = false;
   float x_label = 0.f;
   auto scalar = [&](int i) {
@@ -137,17 +143,20 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
     // vocabulary that is not a multiple of 16 bytes, written into a fresh buffer): element by element.
     for (int i = rt.tid; i < V; i += rt.nthreads) scalar(i);
   }
-  if (own_label) gx[y] = static_cast<scalar_t>(-coef * expm1f(scaled(x_label, scale) - l));
+  if (own_label) {
+    const float c = capped(x_label, scale, cap);
+    gx[y] = static_cast<scalar_t>(-coef * expm1f(c - l) * softcap_slope(c, cap));
+  }
 }
 
 }  // namespace
 
 // logits [N, T, V] float32 / bfloat16 / float16 (any strides over N and T, unit stride over V), labels [N, T] int64.
 // Returns (token_logprobs [N, T] f32, lse [N, T] f32, bad-label flag [1] int64 (INT64_MAX if none)); ignored and
-// out-of-range tokens get 0 in both outputs.
+// out-of-range tokens get 0 in both outputs. softcap > 0: the scaled logits are capped (capped() above) first.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_forward_cuda(const at::Tensor& logits,
                                                                      const at::Tensor& labels, int64_t ignore_index,
-                                                                     double inv_temperature) {
+                                                                     double inv_temperature, double softcap) {
   check_logits_cuda(logits, "logits");
   check_labels_cuda(labels, logits);
   const c10::cuda::CUDAGuard guard(logits.device());
@@ -165,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_forward_cuda(const at::T
                                       : logprobs_forward_kernel<scalar_t, false>;
     kernel<<<launch.grid, launch.block, 0, stream>>>(
         logits.const_data_ptr<scalar_t>(), logits.stride(0), logits.stride(1), labels_c.const_data_ptr<int64_t>(),
-        rows, T, static_cast<int>(V), ignore_index, static_cast<float>(inv_temperature),
+        rows, T, static_cast<int>(V), ignore_index, static_cast<float>(inv_temperature), static_cast<float>(softcap),
         token.mutable_data_ptr<float>(), lse.mutable_data_ptr<float>(),
         reinterpret_cast<unsigned long long*>(bad.mutable_data_ptr<int64_t>()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -178,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_forward_cuda(const at::T
 // backward in place. Ignored (and out-of-range) tokens get zero rows.
 at::Tensor logprobs_backward_cuda(const at::Tensor& grad_token, const at::Tensor& logits, const at::Tensor& labels,
                                   const at::Tensor& lse, int64_t ignore_index, double inv_temperature,
-                                  const std::optional<at::Tensor>& grad_out) {
+                                  const std::optional<at::Tensor>& grad_out, double softcap) {
   check_logits_cuda(logits, "logits");
   check_labels_cuda(labels, logits);
   const c10::cuda::CUDAGuard guard(logits.device());
@@ -206,7 +215,8 @@ at::Tensor logprobs_backward_cuda(const at::Tensor& grad_token, const at::Tensor
     kernel<<<launch.grid, launch.block, 0, stream>>>(
         g_c.const_data_ptr<float>(), logits.const_data_ptr<scalar_t>(), logits.stride(0), logits.stride(1),
         labels_c.const_data_ptr<int64_t>(), lse_c.const_data_ptr<float>(), rows, T, static_cast<int>(V), ignore_index,
-        static_cast<float>(inv_temperature), grad.mutable_data_ptr<scalar_t>(), grad.stride(0), grad.stride(1));
+        static_cast<float>(inv_temperature), static_cast<float>(softcap), grad.mutable_data_ptr<scalar_t>(),
+        grad.stride(0), grad.stride(1));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return grad;

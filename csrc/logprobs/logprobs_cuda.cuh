@@ -138,6 +138,24 @@ __device__ __forceinline__ float scaled(float x, float scale) {
   return __fmul_rn(x, scale);
 }
 
+// Final-logit softcapping (Gemma 2 / 3): with cap > 0 the scaled logit u becomes c = cap * tanh(u / cap) (cap = 0:
+// none), computed the same way wherever it is needed, so forward and backward see the same c; the backward
+// multiplies the softmax gradient by dc/du = 1 - (c / cap)^2 (softcap_slope). tanh(v) = 1 - 2 / (exp(2v) + 1) with
+// IEEE division: exact at +-inf, an absolute error of a few 1e-7 elsewhere (tanhf itself may become a coarse
+// hardware approximation under --use_fast_math).
+__device__ __forceinline__ float capped(float x, float scale, float cap) {
+  const float u = scaled(x, scale);
+  if (!(cap > 0.f)) return u;
+  const float e = __expf(__fmul_rn(2.f, __fdiv_rn(u, cap)));
+  return __fmul_rn(1.f - __fdiv_rn(2.f, e + 1.f), cap);
+}
+
+__device__ __forceinline__ float softcap_slope(float c, float cap) {
+  if (!(cap > 0.f)) return 1.f;
+  const float t = __fdiv_rn(c, cap);
+  return 1.f - t * t;
+}
+
 // max(a, b) that returns NaN when either is NaN (fmaxf returns the other operand).
 __device__ __forceinline__ float nan_max(float a, float b) {
   return (b > a || isnan(b)) ? b : a;
@@ -165,8 +183,8 @@ __device__ __forceinline__ float row_lse(const MaxSum& st, float log_s) {
   return st.m == INFINITY ? NAN : st.m + log_s;
 }
 
-__device__ __forceinline__ void add_scalar(MaxSum& st, float x, float scale) {
-  const float u = scaled(x, scale);
+__device__ __forceinline__ void add_scalar(MaxSum& st, float x, float scale, float cap = 0.f) {
+  const float u = capped(x, scale, cap);
   if (raise_max(st, u)) st.s += __expf(u - st.m);
 }
 

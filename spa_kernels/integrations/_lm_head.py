@@ -15,8 +15,12 @@ Two choices make it work under the engines that shard or wrap parameters:
 
 Logit transforms between the lm_head and the softmax are read from the config the way TRL 1.16 reads them:
 a positive logit scale (Cohere `logit_scale`, `output_multiplier`, Falcon-H1 `lm_head_multiplier`, Granite /
-MiniCPM3 `logits_scaling`) is applied exactly, as temperature = 1 / scale; final-logit softcapping (Gemma 2/3)
-is refused, since the fused kernels compute log_softmax(h W^T / temperature) only.
+MiniCPM3 `logits_scaling` as a divisor, HyperCLOVA X `logits_scaling` as a multiplier) is applied exactly, as
+temperature = 1 / scale, and final-logit softcapping (Gemma 2/3 `final_logit_softcapping`) after it, through the
+kernels' `softcap=` (logit -> cap * tanh(logit / cap) before the softmax).
+
+This module is the one place that reads a model's output head: the drop-ins (hf.py, trl.py) and the `spa` trainer
+all score sequences through it (`add_logprob_head`, `sequence_logprobs`, `spa_sequence_logprobs`).
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from transformers.utils import ModelOutput
 
-from .. import linear_sequence_logprobs
+from .. import linear_sequence_logprobs, linear_spa_sequence_logprobs
 
 _MARK = "_spa_logprob_head"
 STATS_CHUNK_BYTES = 16 * 2**20  # float32 logits per chunk of the no-grad token-statistics pass (x2 live)
@@ -43,6 +47,11 @@ class SequenceLogprobsOutput(ModelOutput):
         scored tokens of the next-token entropy, of the mean logit over the vocabulary, and the number of tokens
         whose label is the argmax (the first one on ties), all of the scaled logits (TRL's `entropy`,
         `logits/*` and `mean_token_accuracy` metrics).
+    hidden_states: only with `spa_return_hidden=True`: the backbone's last hidden states [N, T, H], aligned with
+        input_ids (unshifted), with grad.
+    ref_logps, extrapolated_logps: only with `spa_reference=(ref_model, ref_hidden, lam)` (SPA's de-coupled noise
+        detection): the reference model's log-probs and those of the extrapolated logits
+        (1 + lam) z - lam z_ref, [N] float32, no grad.
     """
 
     logps: torch.Tensor | None = None
@@ -50,6 +59,9 @@ class SequenceLogprobsOutput(ModelOutput):
     entropy_sum: torch.Tensor | None = None
     mean_logit_sum: torch.Tensor | None = None
     top1_count: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None
+    ref_logps: torch.Tensor | None = None
+    extrapolated_logps: torch.Tensor | None = None
 
 
 def logit_scale_and_softcap(config) -> tuple[float, float | None]:
@@ -67,14 +79,15 @@ def logit_scale_and_softcap(config) -> tuple[float, float | None]:
     return (1.0 if scale is None else float(scale)), softcap
 
 
-def check_fusable(model) -> float:
-    """The logit scale of `model` (1.0 when none), or a ValueError if the fused head cannot reproduce its logits."""
+def head_transform(model) -> tuple[float, float | None]:
+    """(scale, softcap) of `model`'s logits: scale 1.0 when none, softcap None when none; a ValueError if the
+    fused head cannot reproduce its logits (non-positive scale or cap, no lm_head weight, a PEFT lm_head)."""
     scale, softcap = logit_scale_and_softcap(model.config)
     name = type(model).__name__
     if softcap is not None:
-        raise ValueError(f"{name} applies final-logit softcapping (config.final_logit_softcapping={softcap}); the "
-                         "spa_kernels fused head computes log_softmax(hidden @ lm_head.weight.T / temperature) only "
-                         "and cannot apply tanh softcapping. Use the model's own loss (e.g. trl.DPOTrainer) for it.")
+        softcap = float(softcap)
+        if not softcap > 0:
+            raise ValueError(f"{name} softcaps its logits at {softcap}; the fused head supports a positive cap only")
     if not scale > 0:
         raise ValueError(f"{name} scales its logits by {scale}; the fused head supports a positive logit scale only")
     head = model.get_output_embeddings()
@@ -83,7 +96,12 @@ def check_fusable(model) -> float:
     if hasattr(head, "base_layer"):  # a PEFT tuner layer: its adapter would be skipped by reading the weight
         raise ValueError(f"{name} has a PEFT adapter on its lm_head; the fused head reads lm_head.weight and "
                          "would never train it. Remove 'lm_head' from the adapter's target_modules.")
-    return scale
+    return scale, softcap
+
+
+def check_fusable(model) -> float:
+    """The logit scale of `model` (1.0 when none), or a ValueError if the fused head cannot reproduce its logits."""
+    return head_transform(model)[0]
 
 
 def fused_logps(hidden, weight, bias, labels, dtype, options):
@@ -97,9 +115,9 @@ def fused_logps(hidden, weight, bias, labels, dtype, options):
 
 @torch.no_grad()
 def token_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-                scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(entropy, mean logit, label-is-argmax) per row of hidden [M, H] for logits scale * (hidden @ weight.T + bias),
-    accumulated in float32, chunked over rows so no [M, V] tensor exists."""
+                scale: float, softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(entropy, mean logit, label-is-argmax) per row of hidden [M, H] for logits scale * (hidden @ weight.T + bias)
+    (then softcapped: cap * tanh(z / cap)), accumulated in float32, chunked over rows so no [M, V] tensor exists."""
     M, V = hidden.shape[0], weight.shape[0]
     entropy = hidden.new_empty(M, dtype=torch.float32)
     mean = hidden.new_empty(M, dtype=torch.float32)
@@ -107,6 +125,8 @@ def token_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     chunk = max(1, STATS_CHUNK_BYTES // (4 * V))
     for s in range(0, M, chunk):
         z = torch.nn.functional.linear(hidden[s:s + chunk], weight, bias).float().mul_(scale)
+        if softcap is not None:
+            z.div_(softcap).tanh_().mul_(softcap)
         mean[s:s + chunk] = z.mean(-1)
         top1[s:s + chunk] = z.argmax(-1) == labels[s:s + chunk]  # argmax returns the first maximum
         lse = torch.logsumexp(z, dim=-1)
@@ -131,29 +151,48 @@ def call_as_forward(module: torch.nn.Module, fn, *args):
             setattr(target, attr, previous)
 
 
+def _head_weight(head):
+    weight, bias = head.weight, getattr(head, "bias", None)
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without DTensor
+        DTensor = ()
+    if isinstance(weight, DTensor):
+        raise ValueError("the lm_head weight is a sharded DTensor inside the lm_head's own forward (tensor "
+                         "parallelism?); the fused head supports FSDP / ZeRO-3 sharding, not sharded matmuls")
+    return weight, bias
+
+
 def sequence_logprobs_from_hidden(model, hidden: torch.Tensor, labels: torch.Tensor, *, impl: str = "auto",
-                                  token_stats_wanted: bool = False, scale: float | None = None
-                                  ) -> SequenceLogprobsOutput:
+                                  token_stats_wanted: bool = False, scale: float | None = None,
+                                  reference=None) -> SequenceLogprobsOutput:
     """Scores labels [N, T] (already aligned with hidden [N, T, H]: label t is predicted from hidden t) through the
-    model's lm_head without building logits."""
-    scale = check_fusable(model) if scale is None else scale
+    model's lm_head without building logits. `reference=(ref_model, ref_hidden, lam)` (ref_hidden aligned like
+    hidden) adds the reference's and the extrapolated log-probs (SPA's de-coupled noise detection) from one pass
+    of linear_spa_sequence_logprobs; the reference's lm_head runs as its module's forward too (inside the
+    policy's)."""
+    scale_, softcap = head_transform(model)
+    scale = scale_ if scale is None else scale
     head = model.get_output_embeddings()
     mask = labels != -100
-    options = dict(ignore_index=-100, temperature=1.0 / scale, impl=impl)
+    options = dict(ignore_index=-100, temperature=1.0 / scale, softcap=softcap, impl=impl)
+    if reference is not None:
+        ref_model, ref_hidden, lam = reference
+        ref_scale, ref_softcap = head_transform(ref_model)
+        if softcap is not None or ref_softcap is not None:
+            raise ValueError("the extrapolated log-probs of de-coupled noise detection are not implemented for "
+                             "models with final-logit softcapping")
+        ref_head = ref_model.get_output_embeddings()
 
     def fused_head(hidden, labels):
-        weight, bias = head.weight, getattr(head, "bias", None)
-        try:
-            from torch.distributed.tensor import DTensor
-        except ImportError:  # pragma: no cover - torch without DTensor
-            DTensor = ()
-        if isinstance(weight, DTensor):
-            raise ValueError("the lm_head weight is a sharded DTensor inside the lm_head's own forward (tensor "
-                             "parallelism?); the fused head supports FSDP / ZeRO-3 sharding, not sharded matmuls")
+        weight, bias = _head_weight(head)
         # under autocast the lm_head runs in the autocast dtype, as the model's own lm_head would
         device = weight.device
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else weight.dtype
         hidden, labels = hidden.to(device), labels.to(device)  # the backbone may end elsewhere (device_map)
+        if reference is not None:
+            return call_as_forward(ref_head, functools.partial(extrapolated, hidden, weight, bias, dtype), ref_hidden,
+                                   labels)
         logps = fused_logps(hidden, weight, bias, labels, dtype, options)
         if not token_stats_wanted:
             return (logps,)
@@ -162,24 +201,38 @@ def sequence_logprobs_from_hidden(model, hidden: torch.Tensor, labels: torch.Ten
         with torch.autocast(device.type, enabled=False):
             stats = token_stats(hidden.detach().reshape(-1, hidden.shape[-1]).index_select(0, flat).to(dtype),
                                 weight.detach().to(dtype), None if bias is None else bias.detach().to(dtype),
-                                labels.reshape(-1).index_select(0, flat), scale)
+                                labels.reshape(-1).index_select(0, flat), scale, softcap)
         rows = valid.nonzero()[:, 0]
         zeros = torch.zeros(labels.shape[0], dtype=torch.float32, device=device)
         return (logps, *(zeros.index_add(0, rows, x.float()) for x in stats))
 
+    def extrapolated(hidden, weight, bias, dtype, ref_hidden, labels):
+        ref_weight, ref_bias = _head_weight(ref_head)
+        ref_weight, ref_bias = ref_weight.detach(), None if ref_bias is None else ref_bias.detach()
+        with torch.autocast(hidden.device.type, enabled=False):
+            cast = (lambda t, s=1.0: None if t is None else (t.to(dtype) if s == 1.0 else t.to(dtype) * s))
+            # the kernel has no temperature: a logit scale s is folded into the inputs, s (h W^T + b) = (s h) W^T + s b
+            return linear_spa_sequence_logprobs(
+                cast(hidden, scale), cast(weight), cast(ref_hidden.to(weight.device), ref_scale),
+                cast(ref_weight), labels, lam=lam, bias=cast(bias, scale), ref_bias=cast(ref_bias, ref_scale),
+                ignore_index=-100, impl=impl)
+
     outputs = call_as_forward(head, fused_head, hidden, labels)
     out = SequenceLogprobsOutput(logps=outputs[0], num_tokens=mask.sum(-1))
-    if token_stats_wanted:
+    if reference is not None:
+        out.ref_logps, out.extrapolated_logps = outputs[1].detach(), outputs[2].detach()
+    elif token_stats_wanted:
         out.entropy_sum, out.mean_logit_sum, out.top1_count = outputs[1:]
     return out
 
 
 def add_logprob_head(model, *, impl: str = "auto") -> None:
     """Patches `model.forward` (a transformers causal LM; for PEFT, the base model inside) so that
-    `model(input_ids, attention_mask=..., labels=labels, spa_logprobs=True, spa_token_stats=False)` returns a
-    SequenceLogprobsOutput: labels [N, T] are aligned with input_ids (-100 = not scored) and shifted inside, as
-    for the model's own loss. Without `spa_logprobs=True` the forward is unchanged. Idempotent; `impl` picks the
-    spa_kernels implementation ("auto" = fastest for the device)."""
+    `model(input_ids, attention_mask=..., labels=labels, spa_logprobs=True, spa_token_stats=False,
+    spa_return_hidden=False, spa_reference=None)` returns a SequenceLogprobsOutput: labels [N, T] are aligned with
+    input_ids (-100 = not scored) and shifted inside, as for the model's own loss. Without `spa_logprobs=True` the
+    forward is unchanged. Idempotent; `impl` picks the spa_kernels implementation ("auto" = fastest for the
+    device)."""
     check_fusable(model)
     if getattr(model, _MARK, None) is not None:
         setattr(model, _MARK, impl)
@@ -189,18 +242,25 @@ def add_logprob_head(model, *, impl: str = "auto") -> None:
     setattr(model, _MARK, impl)
 
     @functools.wraps(type(model).forward)  # keeps the signature generate() validates its kwargs against
-    def forward(self, *args, spa_logprobs=False, spa_token_stats=False, **kwargs):
+    def forward(self, *args, spa_logprobs=False, spa_token_stats=False, spa_return_hidden=False,
+                spa_reference=None, **kwargs):
         if not spa_logprobs:
             return self._spa_previous_forward(*args, **kwargs)
         labels = kwargs.pop("labels", None)
         if labels is None:
             raise ValueError("spa_logprobs=True needs labels [N, T] (token ids, -100 where not scored)")
         kwargs["use_cache"] = False
-        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        full = self.base_model(*args, **kwargs).last_hidden_state
         # prompt-learning PEFT prepends virtual tokens and pads labels to match; either way align on the right
-        T = min(hidden.shape[1], labels.shape[1])
-        hidden, labels = hidden[:, -T:][:, :-1], labels[:, -T:][:, 1:]
-        return sequence_logprobs_from_hidden(self, hidden, labels, impl=getattr(self, _MARK),
-                                             token_stats_wanted=spa_token_stats)
+        T = min(full.shape[1], labels.shape[1])
+        hidden, labels = full[:, -T:][:, :-1], labels[:, -T:][:, 1:]
+        if spa_reference is not None:  # (ref_model, ref_hidden [N, T, H] unshifted, lam)
+            ref_model, ref_hidden, lam = spa_reference
+            spa_reference = (ref_model, ref_hidden[:, -T:][:, :-1], lam)
+        out = sequence_logprobs_from_hidden(self, hidden, labels, impl=getattr(self, _MARK),
+                                            token_stats_wanted=spa_token_stats, reference=spa_reference)
+        if spa_return_hidden:
+            out.hidden_states = full
+        return out
 
     model.forward = types.MethodType(forward, model)

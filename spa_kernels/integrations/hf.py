@@ -28,8 +28,9 @@ import transformers
 from .. import LOSS_TYPES, PreferenceLossOutput, preference_loss
 from ._lm_head import _MARK, SequenceLogprobsOutput, add_logprob_head
 
-__all__ = ["PreferenceCollator", "PreferenceLossMixin", "PreferenceTrainer", "add_logprob_head",
-           "preference_logps", "preference_loss_from_model", "reference_logps"]
+__all__ = ["PreferenceCollator", "PreferenceLossMixin", "PreferenceTrainer", "add_logprob_head", "ensure_logprob_head",
+           "extrapolated_preference_logps", "preference_logps", "preference_loss_from_model", "reference_logps",
+           "sequence_logprobs"]
 
 PREFERENCE_COLUMNS = ["prompt", "chosen", "rejected", "ref_chosen_logps", "ref_rejected_logps"]
 
@@ -105,7 +106,9 @@ def _unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _ensure_head(model, impl: str | None = None):
+def ensure_logprob_head(model, impl: str | None = None):
+    """Installs the fused head (add_logprob_head) on the transformers model inside `model`'s wrappers, once, or
+    again when `impl` changes; refuses a MoE model whose router auxiliary loss would be skipped."""
     inner = _unwrap(model)
     text_config = inner.config.get_text_config()
     if getattr(text_config, "output_router_logits", False):
@@ -115,14 +118,37 @@ def _ensure_head(model, impl: str | None = None):
         add_logprob_head(inner, impl="auto" if impl is None else impl)
 
 
+def sequence_logprobs(model, batch: dict, *, token_stats: bool = False, return_hidden: bool = False,
+                      impl: str | None = None) -> SequenceLogprobsOutput:
+    """Summed log-probs [N] of the labelled tokens of a batch {input_ids, attention_mask, labels} (labels aligned
+    with input_ids, -100 where not scored, shifted inside as for the model's own loss), through the model's own
+    forward (wrappers included) and its lm_head (scale, softcap, bias, tied or gathered weights: _lm_head.py).
+    return_hidden=True adds the backbone's last hidden states [N, T, H] (`.hidden_states`). Installs the fused
+    head on first use; install it yourself with add_logprob_head(model) before `accelerator.prepare(model)` so
+    that mixed-precision autocast wraps it."""
+    ensure_logprob_head(model, impl)
+    return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"],
+                 spa_logprobs=True, spa_token_stats=token_stats, spa_return_hidden=return_hidden)
+
+
 def preference_logps(model, batch: dict, *, token_stats: bool = False, impl: str | None = None
                      ) -> SequenceLogprobsOutput:
-    """[2B] summed log-probs of the labelled tokens of a PreferenceCollator batch (`batch["labels"]` aligned with
-    `input_ids`, shifted inside). Installs the fused head on first use; install it yourself with
-    add_logprob_head(model) before `accelerator.prepare(model)` so that mixed-precision autocast wraps it."""
-    _ensure_head(model, impl)
+    """[2B] summed log-probs of the labelled tokens of a PreferenceCollator batch (chosen rows, then rejected):
+    sequence_logprobs of the batch."""
+    return sequence_logprobs(model, batch, token_stats=token_stats, impl=impl)
+
+
+def extrapolated_preference_logps(model, ref_model, batch: dict, *, lam: float, impl: str | None = None
+                                  ) -> SequenceLogprobsOutput:
+    """SPA's de-coupled noise detection: policy log-probs (with grad), reference log-probs and the log-probs of the
+    extrapolated logits (1 + lam) z - lam z_ref (`.logps`, `.ref_logps`, `.extrapolated_logps`, each [N]) of a
+    batch as in sequence_logprobs, from one linear_spa_sequence_logprobs pass over both models' last hidden states
+    (the reference's hidden states without grad). Both lm_heads run as their modules' forwards."""
+    ensure_logprob_head(model, impl)
+    with torch.no_grad():
+        ref_hidden = sequence_logprobs(ref_model, batch, return_hidden=True, impl=impl).hidden_states
     return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"],
-                 spa_logprobs=True, spa_token_stats=token_stats)
+                 spa_logprobs=True, spa_reference=(_unwrap(ref_model), ref_hidden, lam))
 
 
 def reference_logps(model, batch: dict, ref_model=None, *, impl: str | None = None
@@ -173,7 +199,7 @@ class PreferenceLossMixin:
     """compute_loss for a transformers.Trainer subclass fed PreferenceCollator batches. Reads the loss options from
     `self.preference_options` (keyword arguments of preference_loss_from_model) and the reference from
     `self.ref_model` (None: precomputed in the data, or a PEFT model). Logs TRL's metric names, averaged over the
-    steps between two logs and over processes."""
+    steps between two logs and over processes. A subclass with its own loss overrides `preference_step`."""
 
     ref_model = None
     preference_options: dict = {}
@@ -182,18 +208,23 @@ class PreferenceLossMixin:
         if self._signature_columns is None:  # keep the raw text columns for the collator
             self._signature_columns = list(PREFERENCE_COLUMNS)
 
+    def preference_step(self, model, inputs) -> tuple[PreferenceLossOutput, dict[str, float]]:
+        """(the loss output with chosen_logps / rejected_logps filled in, extra metrics to log) for one batch."""
+        return preference_loss_from_model(model, inputs, ref_model=self.ref_model, **self.preference_options), {}
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # the accelerator's autocast, whichever order the head and accelerate's forward wrapper were installed in
         with self.accelerator.autocast():
-            out = preference_loss_from_model(model, inputs, ref_model=self.ref_model, **self.preference_options)
+            out, extra = self.preference_step(model, inputs)
         gather = self.accelerator.gather
         gathered = PreferenceLossOutput(loss=out.loss, losses=out.losses, chosen_rewards=gather(out.chosen_rewards),
                                         rejected_rewards=gather(out.rejected_rewards),
                                         chosen_logps=gather(out.chosen_logps),
-                                        rejected_logps=gather(out.rejected_logps))
-        mode = "train" if model.training else "eval"
-        for key, value in gathered.metrics().items():
-            self._preference_metric_store()[mode][key].append(value)
+                                        rejected_logps=gather(out.rejected_logps),
+                                        noisy=None if out.noisy is None else gather(out.noisy))
+        store = self.preference_metrics("train" if model.training else "eval")
+        for key, value in {**gathered.metrics(), **extra}.items():
+            store[key].append(float(value))
         return (out.loss, out) if return_outputs else out.loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -202,14 +233,15 @@ class PreferenceLossMixin:
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
-    def _preference_metric_store(self) -> dict:
+    def preference_metrics(self, mode: str = "train") -> dict[str, list[float]]:
+        """The values of each metric ("train" or "eval") logged since the last log, one per step."""
         if getattr(self, "_preference_metrics", None) is None:
             self._preference_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-        return self._preference_metrics
+        return self._preference_metrics[mode]
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        metrics = self._preference_metric_store()[mode]
+        metrics = self.preference_metrics(mode)
         prefix = "eval_" if mode == "eval" else ""
         logs.update({prefix + k: sum(v) / len(v) for k, v in metrics.items() if v})
         metrics.clear()
@@ -241,10 +273,10 @@ class PreferenceTrainer(PreferenceLossMixin, transformers.Trainer):
         self.preference_options = dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
                                        average_log_prob=average_log_prob, impl=impl)
         # before Trainer prepares (wraps) the model, so accelerate's mixed-precision wrapper sits above the head
-        _ensure_head(model, impl)
+        ensure_logprob_head(model, impl)
         super().__init__(model=model, args=args, data_collator=data_collator, processing_class=processing_class,
                          **trainer_kwargs)
         if ref_model is not None:
-            _ensure_head(ref_model, impl)
+            ensure_logprob_head(ref_model, impl)
             ref_model.eval().requires_grad_(False)
             self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)

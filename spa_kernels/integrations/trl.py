@@ -9,10 +9,10 @@ or, for a trainer that already exists (any DPOTrainer subclass): `patch_dpo_trai
 
 Covered: loss_type sigmoid, ipo, hinge, robust, alone or several with loss_weights; a separate reference model,
 precompute_ref_log_probs, PEFT (reference = adapters disabled, or the "ref" adapter, exactly as TRL), tied
-embeddings, a positive logit scale (Cohere style); TRL's metrics with the same names and meanings. Everything
-else TRL offers (other loss types, ld_alpha, f-divergences, use_weighting, MoE router loss, vision-language
-models) runs TRL's own code unchanged, after a one-line notice. Final-logit softcapping (Gemma 2/3) is refused
-with a ValueError.
+embeddings, lm_head bias, a positive logit scale (the conventions TRL reads) and final-logit softcapping
+(Gemma 2/3, through the kernels' softcap=); TRL's metrics with the same names and meanings. Everything else TRL
+offers (other loss types, ld_alpha, f-divergences, use_weighting, MoE router loss, vision-language models) runs
+TRL's own code unchanged, after a one-line notice.
 """
 
 from __future__ import annotations

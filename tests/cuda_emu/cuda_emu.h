@@ -156,4 +156,5 @@ inline unsigned long long atomicMin(unsigned long long* p, unsigned long long v)
 }
 inline float __expf(float x) { return std::exp(x); }
 inline float __fmul_rn(float a, float b) { return std::fma(a, b, 0.0f); }  // one rounding, never contracted
+inline float __fdiv_rn(float a, float b) { return a / b; }  // IEEE division: one rounding
 inline float __logf(float x) { return std::log(x); }

@@ -31,7 +31,7 @@ Launch pick_launch(int64_t rows, int64_t V, int64_t elem_size, int64_t mode, int
 }  // namespace
 
 std::vector<at::Tensor> emu_logprobs_forward(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index,
-                                             double inv_temperature, int64_t mode, int64_t threads) {
+                                             double inv_temperature, int64_t mode, int64_t threads, double softcap) {
   const int64_t N = logits.size(0), T = logits.size(1), V = logits.size(2), rows = N * T;
   TORCH_CHECK(logits.stride(2) == 1 || V <= 1);
   auto opts = logits.options().dtype(at::kFloat);
@@ -44,7 +44,8 @@ std::vector<at::Tensor> emu_logprobs_forward(const at::Tensor& logits, const at:
     emu::launch(l.grid, l.block, [&] {
       kernel(logits.const_data_ptr<scalar_t>(), logits.stride(0), logits.stride(1),
              labels_c.const_data_ptr<int64_t>(), rows, T, static_cast<int>(V), ignore_index,
-             static_cast<float>(inv_temperature), token.data_ptr<float>(), lse.data_ptr<float>(),
+             static_cast<float>(inv_temperature), static_cast<float>(softcap), token.data_ptr<float>(),
+             lse.data_ptr<float>(),
              reinterpret_cast<unsigned long long*>(bad.data_ptr<int64_t>()));
     });
   });
@@ -53,7 +54,7 @@ std::vector<at::Tensor> emu_logprobs_forward(const at::Tensor& logits, const at:
 
 void emu_logprobs_backward(const at::Tensor& grad_token, const at::Tensor& logits, const at::Tensor& labels,
                            const at::Tensor& lse, int64_t ignore_index, double inv_temperature, at::Tensor grad,
-                           int64_t mode, int64_t threads) {
+                           int64_t mode, int64_t threads, double softcap) {
   const int64_t N = logits.size(0), T = logits.size(1), V = logits.size(2), rows = N * T;
   TORCH_CHECK(grad.sizes() == logits.sizes() && grad.scalar_type() == logits.scalar_type() && grad.stride(2) == 1);
   auto labels_c = labels.contiguous();
@@ -65,8 +66,8 @@ void emu_logprobs_backward(const at::Tensor& grad_token, const at::Tensor& logit
     emu::launch(l.grid, l.block, [&] {
       kernel(g_c.const_data_ptr<float>(), logits.const_data_ptr<scalar_t>(), logits.stride(0), logits.stride(1),
              labels_c.const_data_ptr<int64_t>(), lse_c.const_data_ptr<float>(), rows, T, static_cast<int>(V),
-             ignore_index, static_cast<float>(inv_temperature), grad.data_ptr<scalar_t>(), grad.stride(0),
-             grad.stride(1));
+             ignore_index, static_cast<float>(inv_temperature), static_cast<float>(softcap),
+             grad.data_ptr<scalar_t>(), grad.stride(0), grad.stride(1));
     });
   });
 }
@@ -104,8 +105,12 @@ std::vector<int64_t> emu_launch_shape(int64_t rows, int64_t V, int64_t elem_size
 }  // namespace spa
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("logprobs_forward", &spa::emu_logprobs_forward);
-  m.def("logprobs_backward", &spa::emu_logprobs_backward);
+  m.def("logprobs_forward", &spa::emu_logprobs_forward, py::arg("logits"), py::arg("labels"),
+        py::arg("ignore_index"), py::arg("inv_temperature"), py::arg("mode"), py::arg("threads"),
+        py::arg("softcap") = 0.0);
+  m.def("logprobs_backward", &spa::emu_logprobs_backward, py::arg("grad_token"), py::arg("logits"),
+        py::arg("labels"), py::arg("lse"), py::arg("ignore_index"), py::arg("inv_temperature"), py::arg("grad"),
+        py::arg("mode"), py::arg("threads"), py::arg("softcap") = 0.0);
   m.def("spa_logprobs_forward", &spa::emu_spa_logprobs_forward);
   m.def("launch_shape", &spa::emu_launch_shape);
 }

@@ -31,14 +31,16 @@ class EmulatedKernels:
         self.emu = emu
         self.calls = []
 
-    def logprobs_forward_cuda(self, logits, labels, ignore_index, inv_temperature):
+    def logprobs_forward_cuda(self, logits, labels, ignore_index, inv_temperature, softcap=0.0):
         self.calls.append("forward")
-        return self.emu.logprobs_forward(logits, labels, ignore_index, inv_temperature, *AUTO)
+        return self.emu.logprobs_forward(logits, labels, ignore_index, inv_temperature, *AUTO, softcap)
 
-    def logprobs_backward_cuda(self, grad_token, logits, labels, lse, ignore_index, inv_temperature, grad_out=None):
+    def logprobs_backward_cuda(self, grad_token, logits, labels, lse, ignore_index, inv_temperature, grad_out=None,
+                               softcap=0.0):
         self.calls.append("backward" if grad_out is None else "backward_into")
         grad = torch.empty(logits.shape, dtype=logits.dtype) if grad_out is None else grad_out
-        self.emu.logprobs_backward(grad_token, logits, labels, lse, ignore_index, inv_temperature, grad, *AUTO)
+        self.emu.logprobs_backward(grad_token, logits, labels, lse, ignore_index, inv_temperature, grad, *AUTO,
+                                   softcap)
         return grad
 
     def spa_logprobs_forward_cuda(self, logits, ref_logits, labels, ignore_index, lam):

@@ -10,7 +10,7 @@ pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 datasets.disable_progress_bars()
 
-from spa_kernels.integrations.toy import char_tokenizer, load_preferences, tiny_llama  # noqa: E402
+from tests.toy import char_tokenizer, load_preferences, tiny_llama  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "data", "preferences.jsonl")
 

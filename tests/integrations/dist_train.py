@@ -6,7 +6,7 @@ once as a plain single process with the same global batch, and compares the weig
         --per-device-batch 2 --out /tmp/w2.pt
     python tests/integrations/dist_train.py --driver trl --per-device-batch 4 --out /tmp/w1.pt
 
-Drivers: trl, hf (the drop-in trainers), spa and spa-dnd (the spa trainer's own PreferenceTrainer); another trainer
+Drivers: trl, hf (the drop-in trainers), spa and spa-dnd (the spa trainer, spa.train.SPATrainer); another trainer
 is one more entry in DRIVERS: a function (options) -> a transformers Trainer ready to .train().
 """
 
@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from spa_kernels.integrations.toy import char_tokenizer, load_preferences, tiny_llama  # noqa: E402
+from tests.toy import char_tokenizer, load_preferences, tiny_llama  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data", "preferences.jsonl")
 
@@ -66,7 +66,7 @@ def hf_driver(opts):
 
 
 def _spa_trainer(opts, dnd: bool):
-    """spa's own trainer (spa.train.PreferenceTrainer) on the same pairs: without DND the reference log-probs are
+    """spa.s own trainer (spa.train.SPATrainer) on the same pairs: without DND the reference log-probs are
     precomputed (the seed-DPO path); with DND (lam 1/2) the reference model runs every step. refine_warmup=1.0
     keeps the label-flip weight a at 0: the noisy-pair window is per process, so only a = 0 makes one process and
     two comparable, and then the SPA loss equals DPO's through the extrapolated-logit kernel."""
@@ -75,7 +75,7 @@ def _spa_trainer(opts, dnd: bool):
     from spa.data import PromptEncoder
     from spa.modeling import score_sequences
     from spa.refine import NoiseDetector
-    from spa.train import ListDataset, PairCollator, PreferenceTrainer, tokenize_pairs
+    from spa.train import ListDataset, PairCollator, SPATrainer, tokenize_pairs
 
     tokenizer, policy, ref = models()
     enc = PromptEncoder(tokenizer, 10 ** 6, chat_template="none")
@@ -85,14 +85,14 @@ def _spa_trainer(opts, dnd: bool):
     kw = dict(model=policy, processing_class=tokenizer, data_collator=PairCollator(tokenizer.pad_token_id),
               args=TrainingArguments(**training_kwargs(opts), remove_unused_columns=False), beta=0.5)
     if dnd:
-        return PreferenceTrainer(train_dataset=ListDataset(feats), loss_type="spa", ref_model=ref, lam=0.5,
+        return SPATrainer(train_dataset=ListDataset(feats), loss_type="spa", ref_model=ref, lam=0.5,
                                  detector=NoiseDetector(), refine_warmup=1.0, **kw)
     items = [(f["prompt_ids"], f["chosen_ids"]) for f in feats] + [(f["prompt_ids"], f["rejected_ids"])
                                                                      for f in feats]
     lp = score_sequences(ref, items, tokenizer.pad_token_id, batch_size=8).tolist()
     for n, f in enumerate(feats):
         f["ref_chosen"], f["ref_rejected"] = lp[n], lp[n + len(feats)]
-    return PreferenceTrainer(train_dataset=ListDataset(feats), loss_type="sigmoid", **kw)
+    return SPATrainer(train_dataset=ListDataset(feats), loss_type="sigmoid", **kw)
 
 
 DRIVERS = {"trl": trl_driver, "hf": hf_driver, "spa": lambda opts: _spa_trainer(opts, dnd=False),

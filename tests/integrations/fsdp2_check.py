@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 from spa_kernels.integrations._lm_head import add_logprob_head  # noqa: E402
-from spa_kernels.integrations.toy import tiny_llama  # noqa: E402
+from tests.toy import tiny_llama  # noqa: E402
 
 
 def check(case, mesh, rank, world):

@@ -16,8 +16,8 @@ from spa_kernels.integrations.hf import (
     preference_logps,
     preference_loss_from_model,
 )
-from spa_kernels.integrations.toy import tiny_llama
 from tests.integrations.conftest import models
+from tests.toy import tiny_llama
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
 

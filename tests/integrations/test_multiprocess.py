@@ -4,7 +4,8 @@
   a single process with the same global batch (2 x 2 pairs vs 1 x 4 pairs), with DDP and, when deepspeed is
   importable, with DeepSpeed ZeRO-3 (examples/accelerate/zero3.yaml, DeepSpeed's CPU accelerator). The trainers
   are the DRIVERS of tests/integrations/dist_train.py; adding a trainer there adds cases here.
-- The fused head inside an FSDP2-sharded model (tests/integrations/fsdp2_check.py under torchrun).
+- The fused head inside an FSDP2-sharded model (tests/integrations/fsdp2_check.py under torchrun), and the `spa`
+  trainer's loss training an FSDP2-sharded policy (tests/integrations/fsdp_spa_train.py).
 """
 
 import os
@@ -82,3 +83,12 @@ def test_fsdp2_sharded_model(tmp_path):
                           os.path.join(HERE, "fsdp2_check.py")], tmp_path, "--master_port")
     for case in ("untied", "tied", "own_unit"):
         assert out.count(f"FSDP2 OK {case}") == 2, out[-3000:]
+
+
+def test_fsdp2_spa_train_stage(tmp_path):
+    """The spa trainer's loss (SPATrainer.compute_loss) on an FSDP2-sharded policy, 2 processes: same weights as the
+    unsharded model on the whole batch after 3 SGD steps, for seed DPO and for SPA with DND."""
+    out = with_free_port(["-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          os.path.join(HERE, "fsdp_spa_train.py")], tmp_path, "--master_port")
+    for case in ("sigmoid", "spa-dnd"):
+        assert out.count(f"FSDP SPA OK {case}") == 2, out[-3000:]

@@ -167,15 +167,20 @@ def test_logit_scale_model(tokenizer, rows, tmp_path):
     assert_same_step(theirs, ours)
 
 
-def test_softcapping_is_refused(tokenizer, rows, tmp_path):
+def test_softcapping_model(tokenizer, rows, tmp_path):
+    """Gemma 2 softcaps its logits (cap * tanh(z / cap)): applied by the kernels (softcap=), same step as TRL's.
+    The cap is small enough that it changes the log-probs (the logits reach several times the cap)."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     cfg = Gemma2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                       num_attention_heads=4, num_key_value_heads=4, head_dim=8, final_logit_softcapping=30.0,
+                       num_attention_heads=4, num_key_value_heads=4, head_dim=8, final_logit_softcapping=0.5,
                        pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    model = Gemma2ForCausalLM(cfg)
-    with pytest.raises(ValueError, match="final_logit_softcapping=30.0"):
-        build(spa_trl.DPOTrainer, model, model, tokenizer, rows, tmp_path)
+    torch.manual_seed(0)
+    ref = Gemma2ForCausalLM(cfg)
+    policy = perturbed(ref)
+    theirs = build(trl.DPOTrainer, policy, ref, tokenizer, rows, tmp_path)
+    ours = build(spa_trl.DPOTrainer, policy, ref, tokenizer, rows, tmp_path)
+    assert_same_step(theirs, ours)
 
 
 def test_unsupported_loss_passes_through(tokenizer, rows, tmp_path, caplog):

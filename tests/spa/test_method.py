@@ -23,7 +23,7 @@ from spa.judges import (
 )
 from spa.refine import NoiseDetector, lam_for_iteration, refine_alpha
 from spa.select import select_pair, two_means
-from spa.train import PairCollator, PreferenceTrainer, tokenize_pairs
+from spa.train import PairCollator, SPATrainer, tokenize_pairs
 
 from .test_stages import ref_logps
 
@@ -266,18 +266,19 @@ def test_trainer_loss_matches_full_logit_reference(models, tmp_path):
         f["ref_rejected"] = ref_logps(reference, f["prompt_ids"], f["rejected_ids"])
     batch = PairCollator(tok.pad_token_id)(feats)
 
-    dpo = PreferenceTrainer(model=policy, args=args, loss_type="sigmoid", beta=0.1)
+    dpo = SPATrainer(model=policy, args=args, loss_type="sigmoid", beta=0.1)
     loss = dpo.compute_loss(policy, batch)
     expect = _dpo_reference(policy, lambda p, r: ref_logps(reference, p, r), feats, 0.1)
     assert loss.item() == pytest.approx(expect.item(), abs=1e-5)
-    assert {"rewards/chosen", "rewards/accuracies", "logps/rejected"} <= set(dpo._metrics)
+    mode = "train" if policy.training else "eval"
+    assert {"rewards/chosen", "rewards/accuracies", "logps/rejected"} <= set(dpo.preference_metrics(mode))
 
     # SPA with DND: reference hidden states per step, noise from the extrapolated margin, a = alpha after warm-up
     det = NoiseDetector(percentile=50.0, window=50)
-    spa_tr = PreferenceTrainer(model=policy, args=args, loss_type="spa", beta=0.1, ref_model=reference, lam=0.5,
+    spa_tr = SPATrainer(model=policy, args=args, loss_type="spa", beta=0.1, ref_model=reference, lam=0.5,
                                detector=det, refine_alpha=0.1, refine_warmup=0.0)
     spa_tr.state.max_steps = 10
-    loss = spa_tr.compute_loss(policy, {k: v for k, v in batch.items() if k != "ref_logps"})
+    loss = spa_tr.compute_loss(policy, {k: v for k, v in batch.items() if not k.startswith("ref_")})
     margins = []
     for f in feats:
         ec, er = (_extrapolated(policy, reference, 0.5, f["prompt_ids"], f[k]) for k in ("chosen_ids", "rejected_ids"))
@@ -288,7 +289,7 @@ def test_trainer_loss_matches_full_logit_reference(models, tmp_path):
     expect = _dpo_reference(policy, lambda p, r: ref_logps(reference, p, r), feats, 0.1,
                             threshold=lambda f: noisy[feats.index(f)], alpha=0.1)
     assert sum(noisy.values()) >= 1 and loss.item() == pytest.approx(expect.item(), abs=1e-5)
-    assert spa_tr._metrics["refine/alpha"] == [0.1]
+    assert spa_tr.preference_metrics(mode)["refine/alpha"] == [0.1]
 
 
 def test_trainer_dlma_loss(models, tmp_path):
@@ -303,7 +304,7 @@ def test_trainer_dlma_loss(models, tmp_path):
         f["ref_chosen"] = ref_logps(reference, f["prompt_ids"], f["chosen_ids"])
         f["ref_rejected"] = ref_logps(reference, f["prompt_ids"], f["rejected_ids"])
     batch = PairCollator(tok.pad_token_id)(feats)
-    trainer = PreferenceTrainer(model=policy, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
+    trainer = SPATrainer(model=policy, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
                                                                      report_to=[]),
                                 loss_type="dlma", beta=0.1, dlma_gamma=0.2)
     loss = trainer.compute_loss(policy, batch)

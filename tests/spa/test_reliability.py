@@ -136,15 +136,15 @@ def test_exploding_seed_dpo_stops_without_committing(whole_seed, tmp_path, capsy
 
 
 def test_nan_loss_names_the_step(whole_seed, monkeypatch):
-    from spa.train import NonFiniteError, PreferenceTrainer, run_train
+    from spa.train import NonFiniteError, SPATrainer, run_train
 
-    compute_loss = PreferenceTrainer.compute_loss
+    compute_loss = SPATrainer.compute_loss
 
     def nan_at_step_3(self, model, inputs, *args, **kwargs):
         loss = compute_loss(self, model, inputs, *args, **kwargs)
         return loss * float("nan") if self.state.global_step == 2 else loss
 
-    monkeypatch.setattr(PreferenceTrainer, "compute_loss", nan_at_step_3)
+    monkeypatch.setattr(SPATrainer, "compute_loss", nan_at_step_3)
     with pytest.raises(NonFiniteError, match=r"^iter_0/train: non-finite loss \(nan\) at step 3 of 4"):
         run_train(whole_seed, 0)
     assert not os.path.exists(Layout(whole_seed.output_dir).model(0))
@@ -163,9 +163,9 @@ def test_non_finite_weights_are_never_committed(whole_seed, monkeypatch):
     """Weights that turn NaN without a non-finite loss (here: after the last step) are caught before the commit."""
     import torch
 
-    from spa.train import NonFiniteError, PreferenceTrainer, run_train
+    from spa.train import NonFiniteError, SPATrainer, run_train
 
-    train = PreferenceTrainer.train
+    train = SPATrainer.train
 
     def poison_after_training(self, *args, **kwargs):
         out = train(self, *args, **kwargs)
@@ -173,7 +173,7 @@ def test_non_finite_weights_are_never_committed(whole_seed, monkeypatch):
             next(self.model.parameters()).view(-1)[0] = float("inf")
         return out
 
-    monkeypatch.setattr(PreferenceTrainer, "train", poison_after_training)
+    monkeypatch.setattr(SPATrainer, "train", poison_after_training)
     with pytest.raises(NonFiniteError, match=r"^iter_0/train: non-finite weights \(model\.embed_tokens\.weight\) "
                                              r"at step 4 of 4"):
         run_train(whole_seed, 0)

@@ -218,7 +218,7 @@ def test_resume_of_a_tied_model_does_not_warn_missing_keys(tmp_path):
     from transformers.utils import logging as hf_logging
 
     from spa.train import ListDataset, SFTCollator, SFTTrainer, tied_parameter_names
-    from spa_kernels.integrations.toy import tiny_llama
+    from tests.toy import tiny_llama
 
     tok = char_tokenizer()
     model = tiny_llama(len(tok), hidden_size=16, layers=1, heads=2, tie_word_embeddings=True)

@@ -7,11 +7,18 @@ from __future__ import annotations
 import torch
 
 from ... import _dispatch
-from ..._validation import acc_dtype, check_floating, check_label_range, check_labels, check_temperature
+from ..._validation import (
+    acc_dtype,
+    check_floating,
+    check_label_range,
+    check_labels,
+    check_positive_finite,
+    check_temperature,
+)
 from ..logprobs.reference import reduce_sequence
 
 __all__ = ["linear_sequence_logprobs", "linear_token_logprobs", "check_linear_inputs", "compact_tokens",
-           "scatter_tokens", "empty_selection"]
+           "scatter_tokens", "empty_selection", "check_softcap"]
 
 
 def check_linear_inputs(hidden, weight, labels, bias=None, prefix=""):
@@ -58,12 +65,21 @@ def empty_selection(hidden, weight, bias, shape) -> torch.Tensor:
     return out
 
 
+def check_softcap(softcap: float | None) -> float | None:
+    """None (no capping) or a positive finite cap."""
+    if softcap is None:
+        return None
+    return check_positive_finite(softcap, "softcap")
+
+
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                           bias: torch.Tensor | None = None, ignore_index: int = -100, temperature: float = 1.0,
-                          impl: str = "auto", chunk_size: int | None = None) -> torch.Tensor:
+                          softcap: float | None = None, impl: str = "auto",
+                          chunk_size: int | None = None) -> torch.Tensor:
     """Per-token log p(label) [N, T] from hidden [N, T, H] and weight [V, H]; ignored positions are 0."""
     labels = check_linear_inputs(hidden, weight, labels, bias)
     temperature = check_temperature(temperature)
+    softcap = check_softcap(softcap)
     if chunk_size is not None and int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
     check_label_range(labels, weight.shape[0], ignore_index)
@@ -75,21 +91,24 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         return empty_selection(hidden, weight, bias, (N, T))
     token = module.linear_token_logprobs(hidden.reshape(N * T, H).index_select(0, index), weight, bias,
                                          labels.reshape(-1).index_select(0, index), 1.0 / temperature,
-                                         None if chunk_size is None else int(chunk_size))
+                                         None if chunk_size is None else int(chunk_size), softcap)
     return scatter_tokens(token, index, (N, T))
 
 
 def linear_sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                              bias: torch.Tensor | None = None, ignore_index: int = -100, average: bool = False,
-                             temperature: float = 1.0, impl: str = "auto",
+                             temperature: float = 1.0, softcap: float | None = None, impl: str = "auto",
                              chunk_size: int | None = None) -> torch.Tensor:
     """Per-sequence ``sum_t log softmax(hidden_t @ weight.T + bias)[label_t]`` -> [N] float32.
 
+    The logits are ``z = (hidden @ weight.T + bias) / temperature`` and, with ``softcap`` (final-logit
+    softcapping, Gemma 2 / 3), ``softcap * tanh(z / softcap)`` before the softmax, in every backend and in the
+    backward.
     hidden [N, T, H] (e.g. a model's last hidden states, already aligned with labels), weight [V, H] (the lm_head),
     bias [V] or None, labels [N, T] with ``ignore_index`` for unscored positions. Gradients reach hidden, weight
     and bias. ``chunk_size`` = tokens per chunk for the chunked backends (default: from V; on a GPU at most
     512 MiB and 1/8 of the free memory per chunk of logits, on the CPU ~256 MiB).
     """
     token = linear_token_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
-                                  temperature=temperature, impl=impl, chunk_size=chunk_size)
+                                  temperature=temperature, softcap=softcap, impl=impl, chunk_size=chunk_size)
     return reduce_sequence(token, labels.long(), ignore_index, average)

@@ -6,5 +6,6 @@ from __future__ import annotations
 from . import function
 
 
-def linear_token_logprobs(hidden, weight, bias, labels, inv_temperature: float, chunk_size: int | None):
-    return function.linear_token_logprobs(hidden, weight, bias, labels, inv_temperature, chunk_size, "cuda")
+def linear_token_logprobs(hidden, weight, bias, labels, inv_temperature: float, chunk_size: int | None,
+                          softcap: float | None = None):
+    return function.linear_token_logprobs(hidden, weight, bias, labels, inv_temperature, chunk_size, "cuda", softcap)

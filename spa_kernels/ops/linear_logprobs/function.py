@@ -86,8 +86,9 @@ def accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slice_byt
             acc[r:r + rows].add_(torch.mm(a[r:r + rows], b))
 
 
-def chunked_linear_forward(kernels, hidden, weight, bias, labels, inv_temperature, chunk):
+def chunked_linear_forward(kernels, hidden, weight, bias, labels, inv_temperature, chunk, softcap=None):
     M = hidden.shape[0]
+    cap = {} if softcap is None else {"softcap": softcap}  # the kernels cap the scaled logits themselves
     dt = acc_dtype(hidden.dtype)
     token = hidden.new_empty(M, dtype=dt)
     lse = hidden.new_empty(M, dtype=dt)
@@ -96,33 +97,34 @@ def chunked_linear_forward(kernels, hidden, weight, bias, labels, inv_temperatur
         for s in range(0, M, chunk):
             h = hidden[s:s + chunk]
             z = chunk_logits_into(buf[:h.shape[0]], h, weight, bias).unsqueeze(0)
-            t, lse_c = kernels.forward(z, labels[s:s + chunk].unsqueeze(0), _NO_IGNORE, inv_temperature)
+            t, lse_c = kernels.forward(z, labels[s:s + chunk].unsqueeze(0), _NO_IGNORE, inv_temperature, **cap)
             token[s:s + chunk] = t[0]
             lse[s:s + chunk] = lse_c[0]
     return token, lse
 
 
 def chunked_linear_backward(kernels, grad_token, hidden, weight, bias, labels, lse, inv_temperature, chunk,
-                            needs_input_grad):
+                            needs_input_grad, softcap=None):
     need_h, need_w, need_b = needs_input_grad
     reduced = weight.dtype in (torch.bfloat16, torch.float16)
     grad_h = torch.empty_like(hidden) if need_h else None
     grad_w = torch.zeros(weight.shape, dtype=torch.float32 if reduced else weight.dtype,
                          device=weight.device) if need_w else None
-    grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+    grad_b = torch.zeros(bias.shape, dtype=acc_dtype(bias.dtype), device=bias.device) if need_b else None
     buf = hidden.new_empty(min(chunk, hidden.shape[0]), weight.shape[0])
+    cap = {} if softcap is None else {"softcap": softcap}
     with label_check("trusted"):
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s:s + chunk]
             z = chunk_logits_into(buf[:h.shape[0]], h, weight, bias).unsqueeze(0)
             g = kernels.backward(grad_token[s:s + chunk].unsqueeze(0), z, labels[s:s + chunk].unsqueeze(0),
-                                 lse[s:s + chunk].unsqueeze(0), _NO_IGNORE, inv_temperature, grad_out=z)[0]
+                                 lse[s:s + chunk].unsqueeze(0), _NO_IGNORE, inv_temperature, grad_out=z, **cap)[0]
             if need_h:
                 torch.mm(g, weight, out=grad_h[s:s + chunk])
             if need_w:
                 accumulate_mm(grad_w, g.t(), h, slice_bytes=buf.nbytes // 2)
             if need_b:
-                grad_b.add_(g.sum(0, dtype=torch.float32))
+                grad_b.add_(g.sum(0, dtype=grad_b.dtype))
     if grad_w is not None:
         grad_w = grad_w.to(weight.dtype)
     if grad_b is not None:
@@ -130,25 +132,29 @@ def chunked_linear_backward(kernels, grad_token, hidden, weight, bias, labels, l
     return grad_h, grad_w, grad_b
 
 
-def linear_token_logprobs(hidden, weight, bias, labels, inv_temperature: float, chunk_size: int | None, impl: str):
-    """The chunked path for a backend ("cpu" / "cuda"); chunk_size=None picks it from V (and free GPU memory)."""
+def linear_token_logprobs(hidden, weight, bias, labels, inv_temperature: float, chunk_size: int | None, impl: str,
+                          softcap: float | None = None):
+    """The chunked path for a backend ("cpu" / "cuda"); chunk_size=None picks it from V (and free GPU memory).
+    With softcap the backend's kernels cap the chunk's scaled logits (softcap * tanh(u / softcap)) in forward and
+    backward."""
     chunk = chunk_size or chunk_size_for(hidden.shape[0], weight.shape[0], weight.dtype, weight.device)
-    return ChunkedLinearLogprobsFunction.apply(hidden, weight, bias, labels, inv_temperature, chunk, impl)
+    return ChunkedLinearLogprobsFunction.apply(hidden, weight, bias, labels, inv_temperature, chunk, impl, softcap)
 
 
 class ChunkedLinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, inv_temperature: float, chunk: int, impl: str):
+    def forward(ctx, hidden, weight, bias, labels, inv_temperature: float, chunk: int, impl: str,
+                softcap: float | None = None):
         kernels = backend("logprobs", impl)
-        token, lse = chunked_linear_forward(kernels, hidden, weight, bias, labels, inv_temperature, chunk)
+        token, lse = chunked_linear_forward(kernels, hidden, weight, bias, labels, inv_temperature, chunk, softcap)
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        ctx.args = (inv_temperature, chunk, impl)
+        ctx.args = (inv_temperature, chunk, impl, softcap)
         return token
 
     @staticmethod
     def backward(ctx, grad_token):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
-        inv_temperature, chunk, impl = ctx.args
+        inv_temperature, chunk, impl, softcap = ctx.args
         grads = chunked_linear_backward(backend("logprobs", impl), grad_token, hidden, weight, bias, labels, lse,
-                                        inv_temperature, chunk, ctx.needs_input_grad[:3])
-        return (*grads, None, None, None, None)
+                                        inv_temperature, chunk, ctx.needs_input_grad[:3], softcap)
+        return (*grads, None, None, None, None, None)

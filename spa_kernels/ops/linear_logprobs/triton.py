@@ -79,6 +79,12 @@ def logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, stride_hm, s
 
 
 @triton.jit
+def softcap_tile(z, softcap):
+    """softcap * tanh(z / softcap), with tanh(x) = 1 - 2 / (exp(2x) + 1) (exact at +-inf, no libdevice needed)."""
+    return softcap * (1.0 - 2.0 / (tl.exp(2.0 * z / softcap) + 1.0))
+
+
+@triton.jit
 def tile_lse_update(m, s, z):
     """Folds a [BLOCK_M, BLOCK_N] tile into per-row online log-sum-exp states (m, s) (-inf safe)."""
     m_new = tl.maximum(m, tl.max(z, axis=1))
@@ -91,7 +97,8 @@ def tile_lse_update(m, s, z):
 @triton.heuristics({"EVEN_K": _even_k})
 @triton.jit(do_not_specialize=["M", "slice_width"])
 def _linear_lse_fwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, part_ptr, M, V, H, stride_hm, stride_hk, stride_wv,
-                           stride_wk, inv_temperature, slice_width, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr,
+                           stride_wk, inv_temperature, softcap, slice_width, HAS_BIAS: tl.constexpr,
+                           SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr,
                            PRECISION: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """part [3, n_slices, M]: per vocabulary slice, the running max, the sum of exp(z - max), the label's logit."""
@@ -110,6 +117,8 @@ def _linear_lse_fwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, part_ptr, M, V, H, s
         col_ok = cols < v_hi
         z = logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, stride_hm, stride_hk, stride_wv,
                         stride_wk, HAS_BIAS, EVEN_K, DOT_F32, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K) * inv_temperature
+        if SOFTCAP:
+            z = softcap_tile(z, softcap)
         z = tl.where(col_ok[None, :], z, float("-inf"))
         m, s = tile_lse_update(m, s, z)
         picked += tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), axis=1)
@@ -124,11 +133,13 @@ def _linear_lse_fwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, part_ptr, M, V, H, s
 @triton.heuristics({"EVEN_K": _even_k})
 @triton.jit(do_not_specialize=["M", "v0", "n_cols"])
 def _linear_grad_logits_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, coef_ptr, g_ptr, M, V, H, v0, n_cols,
-                               stride_hm, stride_hk, stride_wv, stride_wk, inv_temperature, HAS_BIAS: tl.constexpr,
+                               stride_hm, stride_hk, stride_wv, stride_wk, inv_temperature, softcap,
+                               HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
                                DOT_F32: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
                                GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                BLOCK_K: tl.constexpr):
-    """g [M, n_cols] (contiguous) = coef * (onehot(label) - softmax(z))[:, v0:v0 + n_cols], coef = dL/dlogp / T."""
+    """g [M, n_cols] (contiguous) = coef * (onehot(label) - softmax(z))[:, v0:v0 + n_cols], coef = dL/dlogp / T;
+    with SOFTCAP, z is the capped logit c and g is multiplied by dc/d(z / T) = 1 - (c / softcap)^2."""
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(n_cols, BLOCK_N)
@@ -144,11 +155,16 @@ def _linear_grad_logits_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, coef_pt
     cols = v0 + local
     z = logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, stride_hm, stride_hk, stride_wv, stride_wk,
                     HAS_BIAS, EVEN_K, DOT_F32, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K) * inv_temperature
+    if SOFTCAP:
+        z = softcap_tile(z, softcap)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     coef = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
     labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
     p = tl.exp(z - lse[:, None])
     g = tl.where(cols[None, :] == labels[:, None], coef[:, None] * (1.0 - p), -coef[:, None] * p)
+    if SOFTCAP:
+        c = z / softcap
+        g = g * (1.0 - c * c)
     tl.store(g_ptr + rows[:, None] * n_cols + local[None, :], g.to(g_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
@@ -177,7 +193,8 @@ def merge_lse(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return top_safe + torch.log((s * torch.exp(m - top_safe)).sum(0))
 
 
-def linear_lse_forward(hidden, weight, bias, labels, inv_temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def linear_lse_forward(hidden, weight, bias, labels, inv_temperature: float,
+                       softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden [M, H], weight [V, H], bias [V] | None, labels [M] in [0, V) -> (token log-probs [M], lse [M])."""
     M, H = hidden.shape
     V = weight.shape[0]
@@ -185,7 +202,8 @@ def linear_lse_forward(hidden, weight, bias, labels, inv_temperature: float) -> 
     part = torch.empty(3, n_slices, M, dtype=torch.float32, device=hidden.device)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), n_slices)
     _linear_lse_fwd_kernel[grid](hidden, weight, bias, labels, part, M, V, H, hidden.stride(0), hidden.stride(1),
-                                 weight.stride(0), weight.stride(1), inv_temperature, width, HAS_BIAS=bias is not None,
+                                 weight.stride(0), weight.stride(1), inv_temperature, softcap or 1.0, width,
+                                 HAS_BIAS=bias is not None, SOFTCAP=softcap is not None,
                                  **_kernel_flags(hidden, weight, bias))
     lse = merge_lse(part[0], part[1])
     return part[2].sum(0) - lse, lse
@@ -213,7 +231,8 @@ _CUDA_MM_OUT_DTYPE = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= 
 
 
 def linear_backward(grad_token, hidden, weight, bias, labels, lse, inv_temperature: float, chunk_size: int | None,
-                    needs_input_grad) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+                    needs_input_grad, softcap: float | None = None
+                    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of sum_m grad_token[m] * logp[m] with respect to (hidden, weight, bias), each only if needed."""
     need_h, need_w, need_b = needs_input_grad
     M, H = hidden.shape
@@ -233,7 +252,8 @@ def linear_backward(grad_token, hidden, weight, bias, labels, lse, inv_temperatu
         grid = lambda meta, n_cols=n_cols: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n_cols, meta["BLOCK_N"]),)
         _linear_grad_logits_kernel[grid](hidden, weight, bias, labels, lse, coef, g, M, V, H, v0, n_cols,
                                          hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-                                         inv_temperature, HAS_BIAS=bias is not None, GROUP_M=GROUP_M, **flags)
+                                         inv_temperature, softcap or 1.0, HAS_BIAS=bias is not None,
+                                         SOFTCAP=softcap is not None, GROUP_M=GROUP_M, **flags)
         if need_w:
             torch.mm(g.t(), hidden, out=grad_w[v0:v0 + n_cols])
         if need_b:
@@ -246,21 +266,25 @@ def linear_backward(grad_token, hidden, weight, bias, labels, lse, inv_temperatu
 
 class LinearTokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, inv_temperature: float, chunk_size: int | None):
-        token, lse = linear_lse_forward(hidden, weight, bias, labels, inv_temperature)
+    def forward(ctx, hidden, weight, bias, labels, inv_temperature: float, chunk_size: int | None,
+                softcap: float | None = None):
+        token, lse = linear_lse_forward(hidden, weight, bias, labels, inv_temperature, softcap)
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        ctx.args = (inv_temperature, chunk_size)
+        ctx.args = (inv_temperature, chunk_size, softcap)
         return token
 
     @staticmethod
     def backward(ctx, grad_token):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
-        inv_temperature, chunk_size = ctx.args
+        inv_temperature, chunk_size, softcap = ctx.args
         grads = linear_backward(grad_token, hidden, weight, bias, labels, lse, inv_temperature, chunk_size,
-                                ctx.needs_input_grad[:3])
-        return (*grads, None, None, None)
+                                ctx.needs_input_grad[:3], softcap)
+        return (*grads, None, None, None, None)
 
 
-def linear_token_logprobs(hidden, weight, bias, labels, inv_temperature: float, chunk_size: int | None):
-    """hidden [M, H], weight [V, H], bias [V] | None, labels [M] (all in [0, V)) -> [M] float32 log p(label)."""
-    return LinearTokenLogprobsFunction.apply(hidden, weight, bias, labels.contiguous(), inv_temperature, chunk_size)
+def linear_token_logprobs(hidden, weight, bias, labels, inv_temperature: float, chunk_size: int | None,
+                          softcap: float | None = None):
+    """hidden [M, H], weight [V, H], bias [V] | None, labels [M] (all in [0, V)) -> [M] float32 log p(label);
+    with softcap the logits are softcap * tanh(z / softcap) (z scaled by inv_temperature first)."""
+    return LinearTokenLogprobsFunction.apply(hidden, weight, bias, labels.contiguous(), inv_temperature, chunk_size,
+                                             softcap)

@@ -16,12 +16,12 @@ from ..._validation import check_label_flag, raise_deferred_label_errors
 
 @torch.library.custom_op("spa_kernels::logprobs_forward_cuda", mutates_args=())
 def _forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
-             inv_temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tuple(_ext.kernels().logprobs_forward_cuda(logits, labels, ignore_index, inv_temperature))
+             inv_temperature: float, softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(_ext.kernels().logprobs_forward_cuda(logits, labels, ignore_index, inv_temperature, softcap))
 
 
 @_forward.register_fake
-def _(logits, labels, ignore_index, inv_temperature):
+def _(logits, labels, ignore_index, inv_temperature, softcap=0.0):
     shape = logits.shape[:2]
     return (logits.new_empty(shape, dtype=torch.float32), logits.new_empty(shape, dtype=torch.float32),
             logits.new_empty(1, dtype=torch.int64))
@@ -29,34 +29,37 @@ def _(logits, labels, ignore_index, inv_temperature):
 
 @torch.library.custom_op("spa_kernels::logprobs_backward_cuda", mutates_args=())
 def _backward(grad_token: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
-              ignore_index: int, inv_temperature: float) -> torch.Tensor:
-    return _ext.kernels().logprobs_backward_cuda(grad_token, logits, labels, lse, ignore_index, inv_temperature)
+              ignore_index: int, inv_temperature: float, softcap: float = 0.0) -> torch.Tensor:
+    return _ext.kernels().logprobs_backward_cuda(grad_token, logits, labels, lse, ignore_index, inv_temperature,
+                                                 softcap=softcap)
 
 
 @_backward.register_fake
-def _(grad_token, logits, labels, lse, ignore_index, inv_temperature):
+def _(grad_token, logits, labels, lse, ignore_index, inv_temperature, softcap=0.0):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("spa_kernels::logprobs_backward_cuda_", mutates_args=("grad_out",))
 def _backward_into(grad_token: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
-                   ignore_index: int, inv_temperature: float, grad_out: torch.Tensor) -> None:
-    _ext.kernels().logprobs_backward_cuda(grad_token, logits, labels, lse, ignore_index, inv_temperature, grad_out)
+                   ignore_index: int, inv_temperature: float, grad_out: torch.Tensor, softcap: float = 0.0) -> None:
+    _ext.kernels().logprobs_backward_cuda(grad_token, logits, labels, lse, ignore_index, inv_temperature, grad_out,
+                                        softcap)
 
 
-def forward(logits, labels, ignore_index: int, inv_temperature: float):
-    """-> (token_logprobs [N, T], lse [N, T]) float32."""
+def forward(logits, labels, ignore_index: int, inv_temperature: float, softcap: float = 0.0):
+    """-> (token_logprobs [N, T], lse [N, T]) float32; softcap > 0 caps the scaled logits."""
     raise_deferred_label_errors()
-    token, lse, flag = _forward(logits, labels, ignore_index, inv_temperature)
+    token, lse, flag = _forward(logits, labels, ignore_index, inv_temperature, softcap)
     check_label_flag(flag, labels, logits.shape[-1], ignore_index)
     return token, lse
 
 
-def backward(grad_token, logits, labels, lse, ignore_index: int, inv_temperature: float, grad_out=None):
+def backward(grad_token, logits, labels, lse, ignore_index: int, inv_temperature: float, grad_out=None,
+             softcap: float = 0.0):
     """-> grad_logits; written into grad_out when given (grad_out may be logits itself: in-place backward)."""
     raise_deferred_label_errors()
     grad_token = grad_token.float().contiguous()
     if grad_out is None:
-        return _backward(grad_token, logits, labels, lse, ignore_index, inv_temperature)
-    _backward_into(grad_token, logits, labels, lse, ignore_index, inv_temperature, grad_out)
+        return _backward(grad_token, logits, labels, lse, ignore_index, inv_temperature, softcap)
+    _backward_into(grad_token, logits, labels, lse, ignore_index, inv_temperature, grad_out, softcap)
     return grad_out

@@ -1,5 +1,6 @@
 """Tiny offline building blocks for the examples, tests and benchmarks of the integrations: a character-level
-tokenizer, a randomly initialised Llama and a small preference set. Nothing is downloaded."""
+tokenizer (spa.tasks.chartok's, over printable ASCII), a randomly initialised Llama and a small preference set.
+Nothing is downloaded. Not part of the installed packages: examples and benchmarks import it from the checkout."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import json
 
 import torch
 
-SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 # printable ASCII: every prompt/response in tests/data and the examples tokenizes without <unk>
 ALPHABET = "".join(chr(c) for c in range(32, 127))
 
@@ -15,17 +15,11 @@ ARITHMETIC = [(a, b) for a in range(10) for b in range(10)]
 
 
 def char_tokenizer(alphabet: str = ALPHABET):
-    """A PreTrainedTokenizerFast with one token per character plus <pad> (id 0), <s>, </s> and <unk>; a prefix
-    of a string always tokenizes to a prefix of its tokens (what TRL's prompt/completion split relies on)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    """spa.tasks.chartok's tokenizer over `alphabet`: one token per character, <pad> (id 0), <s>, </s>, <unk>; a
+    prefix of a string always tokenizes to a prefix of its tokens (what TRL's prompt/completion split relies on)."""
+    from spa.tasks.chartok import char_tokenizer as chartok
 
-    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + tuple(dict.fromkeys(alphabet)))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
+    return chartok(alphabet)
 
 
 def tiny_llama(vocab_size: int, *, hidden_size: int = 32, layers: int = 2, heads: int = 4,
