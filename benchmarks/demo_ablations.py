@@ -1,10 +1,11 @@
-"""`spa demo` ablations: is the failure of SPA on the built-in task the method or the implementation?
+"""`spa demo` ablations: is the failure of the SPA paper's judge on the `reverse` task the method or the
+implementation? (The judge study over all built-in tasks, with held-out validation: benchmarks/judge_study.py.)
 
 Runs the demo's loop (same task, same cached SFT model, same seeds, same settings) with one thing changed per
 variant, and studies the judges on fixed samples:
 
   variants (end to end, 3 seeds):
-    spa            the paper's method (the `spa demo` runs themselves, re-read when already there)
+    spa            the paper's method (its judge: implicit reward with reference pi_init)
     no-refine      SPA without the self-refinement loss (the paper's "data expansion only" ablation)
     dlma-judge     DLMA's contrastive self-reward as the judge instead of SPA's implicit reward
     judge-ref-previous, judge-no-ref
@@ -37,13 +38,17 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _harness import print_table, pyplot, save_figure, write_csv  # noqa: E402
 
+# Every variant is the SPA paper's method with one change, in the setting these ablations were first run in: the
+# whole seed trained on (no validation hold-out) and every iteration kept (no selection).
+PAPER = ["judge.type=implicit", "judge.reference=init", "judge.reference_weight=1.0", "judge.token_average=false",
+         "data.validation_size=0", "loop.select=last"]
 VARIANTS = {
-    "spa": [],
-    "no-refine": ["refine.enabled=false"],
-    "dlma-judge": ["judge.type=contrastive"],
-    "judge-ref-previous": ["judge.reference=previous"],
-    "judge-no-ref": ["judge.reference=none"],
-    "gold-judge": ["judge.type=function", "judge.function=spa.tasks.reverse:oracle"],
+    "spa": PAPER,
+    "no-refine": PAPER + ["refine.enabled=false"],
+    "dlma-judge": PAPER + ["judge.type=contrastive"],
+    "judge-ref-previous": PAPER + ["judge.reference=previous"],
+    "judge-no-ref": PAPER + ["judge.reference=none"],
+    "gold-judge": PAPER + ["judge.type=function", "judge.function=spa.tasks.reverse:oracle"],
 }
 
 
@@ -57,8 +62,7 @@ def run_variants(folder: str, seeds: list[int], names: list[str]) -> tuple[list[
     rows, dirs = [], defaultdict(list)
     for name in names:
         for s in seeds:
-            # `spa` is exactly `spa demo`'s run, so an existing demo is re-read instead of recomputed
-            out = os.path.join(folder, "full" if name == "spa" else os.path.join("ablations", name), f"seed_{s}")
+            out = os.path.join(folder, "ablations", name, f"seed_{s}")
             cfg = demo_config(task, out, s, overrides=VARIANTS[name], sft_model=sft_model)
             print(f"== {name}, seed {s}: {out}", flush=True)
             run(cfg)

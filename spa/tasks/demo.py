@@ -100,10 +100,12 @@ def build_sft_model(task: dict[str, str], folder: str, overrides: list[str] | No
 
     cfg = demo_config(task, os.path.join(folder, "sft-pending"), SFT_SEED, overrides=overrides)
     d = cfg.to_dict()
-    key = {"sft": d["sft"], "model": d["model"], "seed": d["seed"],
+    version = get_task(task.get("task", "reverse")).version
+    # the settings the SFT model depends on; the task's files are named by its version, not by where the cache is
+    key = {"task": version, "sft": {k: v for k, v in d["sft"].items() if k != "data"},
+           "model": {k: v for k, v in d["model"].items() if k not in ("tokenizer", "name_or_path")}, "seed": d["seed"],
            "data": {k: d["data"][k] for k in ("max_prompt_length", "long_prompts", "chat_template", "skip_invalid")}}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
-    version = get_task(task.get("task", "reverse")).version
     cfg = cfg.replace(output_dir=os.path.join(folder, f"sft-{version}-{digest}"))
     run_stage(cfg, stage_by_name(cfg, "sft"))
     return Layout(cfg.output_dir).sft_model
