@@ -19,8 +19,8 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {"Config": "config", "ConfigError": "config", "DataError": "data", "run_eval": "eval",
-         "run_generate": "generate", "run_judge": "judges", "ConfigMismatch": "loop", "run": "loop",
-         "run_sft": "train", "run_train": "train", "run_validate": "validation"}
+         "run_generate": "generate", "run_judge": "judge_stage", "ConfigMismatch": "loop", "run": "loop",
+         "run_sft": "train", "run_train": "train", "run_validate": "validate_stage"}
 
 __all__ = ["Config", "ConfigError", "ConfigMismatch", "DataError", "__version__", "run", "run_eval", "run_generate",
            "run_judge", "run_sft", "run_train", "run_validate"]

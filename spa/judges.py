@@ -16,33 +16,26 @@ also return REAL's response embeddings from the same forward pass. Length adjust
 place (adjust_for_length): judge.length_penalty subtracts length_penalty * response tokens (DICE-style), and
 judge.length_regress removes the least-squares linear fit of the scores on response tokens.
 
-The judge stage (run_judge) writes output_dir/iter_<i>/pairs.jsonl: {"id", "prompt", "chosen", "rejected",
-"score_chosen", "score_rejected", "scores"} and iter_<i>/judge_metrics.json (pairs kept, identical responses and
-exact ties dropped, mean margin, lengths, the judge's agreement with the held-out gold validation pairs
-(judge/validation_accuracy, spa.validation) and with eval.oracle the oracle's agreement with the judge).
+The judge stage that applies them to an iteration's samples is spa.judge_stage.run_judge.
 """
 
 from __future__ import annotations
 
 import logging
-import random
-import time
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from . import data as data_mod
-from .io import Layout, atomic_write_json, atomic_write_jsonl, read_jsonl, remove_partial, sharded
+from .io import Layout
 from .modeling import kernel_impl, load_causal_lm, load_tokenizer, resolve_device, score_sequences
-from .oracle import load_oracle, pairwise_win
-from .select import NEEDS_EMBEDDINGS, select_pair
-from .validation import judge_validation, validation_rows, warn_if_length_decides, warn_if_uninformative
+from .oracle import load_oracle
 
 logger = logging.getLogger("spa")
 
 
-def _flat(rows):
+def flatten_responses(rows):
+    """[(row, k, response)] over every response of every row, in order (the layout the judges score in)."""
     return [(r, k, resp) for r in rows for k, resp in enumerate(r["responses"])]
 
 
@@ -64,7 +57,7 @@ class ImplicitRewardJudge:
 
     def score(self, rows: list[dict], embeddings: bool = False):
         items, lengths = [], []
-        for r, _, resp in _flat(rows):
+        for r, _, resp in flatten_responses(rows):
             ids = self.enc.encode_response(resp)
             items.append((self.enc.encode(r["prompt"]), ids))
             lengths.append(len(ids))
@@ -106,7 +99,7 @@ class ContrastivePromptJudge:
 
     def score(self, rows: list[dict]):
         pos_items, neg_items = [], []
-        for r, _, resp in _flat(rows):
+        for r, _, resp in flatten_responses(rows):
             ids = self.enc.encode_response(resp)
             pos_items.append((self.enc.encode(self._variant(r["prompt"], self.pos)), ids))
             neg_items.append((self.enc.encode(self._variant(r["prompt"], self.neg)), ids))
@@ -138,7 +131,7 @@ class RewardModelJudge:
 
     @torch.inference_mode()
     def score(self, rows: list[dict]):
-        flat = _flat(rows)
+        flat = flatten_responses(rows)
         texts = [self._text(r["prompt"], resp) for r, _, resp in flat]
         device = next(self.model.parameters()).device
         self.tok.padding_side = "right"
@@ -300,102 +293,6 @@ def init_model_path(cfg) -> str:
     return cfg.model.name_or_path
 
 
-def response_embeddings(model, enc, rows, batch_size, impl) -> list[torch.Tensor]:
-    items = [(enc.encode(r["prompt"]), enc.encode_response(resp)) for r, _, resp in _flat(rows)]
-    _, emb = score_sequences(model, items, enc.tokenizer.pad_token_id, batch_size, impl, embeddings=True)
-    return list(torch.split(emb, [len(r["responses"]) for r in rows]))
-
-
-def run_judge(cfg, iteration: int) -> str:
-    """Pairs for iteration i >= 1 from its samples; returns the pairs.jsonl path."""
-    lay = Layout(cfg.output_dir)
-    samples = read_jsonl(lay.samples(iteration))
-    judge, enc = build_judge(cfg, iteration)
-    strategy = cfg.select.strategy
-    need_emb = strategy in NEEDS_EMBEDDINGS
-    embedder = None
-    if need_emb and not isinstance(judge, ImplicitRewardJudge):
-        embedder = load_causal_lm(lay.model(iteration - 1), cfg.model, resolve_device(cfg.model.device))
-    t0 = time.perf_counter()
-
-    def work(shard: int, rows: list[dict]) -> list[dict]:
-        judged = judge_rows(judge, rows, enc, cfg.judge, embeddings=isinstance(judge, ImplicitRewardJudge) and need_emb)
-        scores, embs = judged.scores, judged.embeddings
-        if need_emb and embs is None:
-            embs = response_embeddings(embedder, enc, rows, cfg.judge.batch_size, kernel_impl(cfg))
-        out = []
-        for n, (r, sc) in enumerate(zip(rows, scores)):
-            rng = random.Random(f"{cfg.seed}/select/{iteration}/{r['id']}")
-            pick = select_pair(sc, strategy, None if embs is None else embs[n], rng)
-            row = {"id": r["id"], "prompt": r["prompt"], "scores": sc, "length_slope": judged.length_slope}
-            if pick is None:
-                row["status"] = "no_pair"
-            else:
-                c, j = pick
-                row.update(chosen=r["responses"][c], rejected=r["responses"][j], score_chosen=sc[c],
-                           score_rejected=sc[j])
-                row["status"] = ("identical" if r["responses"][c] == r["responses"][j]
-                                 else "tie" if sc[c] == sc[j] else "kept")
-            out.append(row)
-        return out
-
-    shards = sharded(samples, cfg.generate.shard_size, lay.partial(f"iter_{iteration}", "judge"), "judge", work)
-    total = -(-len(samples) // cfg.generate.shard_size)
-    rows = [r for shard in tqdm(shards, total=total, desc=f"judge iter {iteration}", unit="shard", leave=False)
-            for r in shard]
-    kept = [{k: v for k, v in r.items() if k not in ("status", "length_slope")} for r in rows if r["status"] == "kept"]
-    if not kept:
-        raise RuntimeError(f"judge iter {iteration}: every pair was dropped (identical responses or exact ties); "
-                           "raise generate.temperature or generate.num_samples")
-    count = lambda s: sum(r["status"] == s for r in rows)
-    metrics = {"judge/prompts": len(rows), "judge/pairs": len(kept), "judge/dropped_identical": count("identical"),
-               "judge/dropped_ties": count("tie"), "judge/dropped_no_pair": count("no_pair"),
-               "judge/mean_margin": sum(p["score_chosen"] - p["score_rejected"] for p in kept) / len(kept),
-               "judge/chosen_chars": sum(len(p["chosen"]) for p in kept) / len(kept),
-               "judge/rejected_chars": sum(len(p["rejected"]) for p in kept) / len(kept),
-               "judge/seconds_computed": time.perf_counter() - t0}
-    # Length relation of each pair (response tokens incl. EOS): a judge that systematically prefers the shorter or
-    # the longer response shows here first (SPA's known drift is towards longer ones).
-    relation = []
-    for p in kept:
-        lc, lr = len(enc.encode_response(p["chosen"])), len(enc.encode_response(p["rejected"]))
-        relation.append("same_length" if lc == lr else "chosen_shorter" if lc < lr else "chosen_longer")
-    differ = [x for x in relation if x != "same_length"]
-    metrics["judge/chosen_shorter_fraction"] = (sum(x == "chosen_shorter" for x in differ) / len(differ)
-                                                if differ else None)
-    metrics["judge/length_warning"] = warn_if_length_decides(metrics["judge/chosen_shorter_fraction"], len(differ),
-                                                             iteration)
-    if cfg.data.validation_size:  # the judge on the held-out gold pairs, exactly as on generated pairs
-        val_rows = validation_rows(cfg, enc)
-        if not val_rows:
-            logger.warning("judge iter %d: no held-out validation pair fits data.max_prompt_length: the judge is not "
-                           "checked", iteration)
-        else:
-            # judge.length_regress: the slope fitted on the generated responses, not on the gold pairs (whose
-            # lengths go with their labels)
-            slopes = [r["length_slope"] for r in rows if r.get("length_slope") is not None]
-            slope = sum(slopes) / len(slopes) if slopes else None
-            metrics.update(judge_validation(judge_rows(judge, val_rows, enc, cfg.judge, slope=slope).scores))
-            if slope is not None:
-                metrics["judge/length_slope"] = slope
-            warning = warn_if_uninformative(metrics, iteration)
-            metrics["judge/validation_warning"] = warning
-    if cfg.eval.oracle:  # how often the self-judgment agrees with the gold oracle (a diagnostic; not used)
-        oracle = load_oracle(cfg.eval.oracle)
-        wins = [pairwise_win(oracle(data_mod.prompt_text(p["prompt"]), p["chosen"]),
-                             oracle(data_mod.prompt_text(p["prompt"]), p["rejected"])) for p in kept]
-        metrics["judge/oracle_accuracy"] = sum(wins) / len(wins)
-        for rel in ("chosen_shorter", "chosen_longer", "same_length"):
-            sel = [w for w, x in zip(wins, relation) if x == rel]
-            metrics[f"judge/oracle_accuracy_{rel}"] = sum(sel) / len(sel) if sel else None
-            metrics[f"judge/pairs_{rel}"] = len(sel)
-    atomic_write_json(lay.stage_metrics(f"iter_{iteration}", "judge"), metrics)
-    atomic_write_jsonl(lay.pairs(iteration), kept)
-    remove_partial(lay.partial(f"iter_{iteration}", "judge"))
-    logger.info("judge iter %d: %d pairs kept of %d prompts", iteration, len(kept), len(rows))
-    return lay.pairs(iteration)
-
-
 __all__ = ["ImplicitRewardJudge", "ContrastivePromptJudge", "RewardModelJudge", "LLMJudge", "FunctionJudge",
-           "adjust_for_length", "length_slope", "Judgment", "judge_rows", "build_judge", "run_judge",
-           "init_model_path", "judge_reference_path"]
+           "adjust_for_length", "length_slope", "Judgment", "judge_rows", "build_judge", "init_model_path",
+           "judge_reference_path"]

@@ -26,11 +26,12 @@ from .config import Config, ConfigError, diff
 from .eval import eval_name, format_table, results_table, run_eval
 from .generate import run_generate
 from .io import Layout, atomic_write_json, atomic_write_text, output_dir_lock, read_json
-from .judges import run_judge
+from .judge_stage import run_judge
 from .preflight import preflight
 from .report import stage_line
 from .train import run_sft, run_train
-from .validation import Selection, run_validate, select_iteration
+from .validate_stage import run_validate
+from .validation import Selection, select_iteration
 
 logger = logging.getLogger("spa")
 

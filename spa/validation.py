@@ -3,7 +3,8 @@ run returns.
 
 The seed's gold pairs are the only gold signal a run has, so data.validation_size of them are held out of training
 (spa.data.seed_and_pools). On these pairs:
-  - every iteration's model pi_i is measured (the `validate` stage, iter_<i>/validation.json): its implicit reward
+  - every iteration's model pi_i is measured (the `validate` stage, spa.validate_stage.run_validate, writes
+    iter_<i>/validation.json): its implicit reward
     beta * (log pi_i(y|x) - log pi_init(y|x)) with the fixed reference pi_init, so that all iterations are on one
     scale: accuracy (chosen scored above rejected, ties 1/2, with a 95% Wilson interval), mean reward margin, and
     DPO loss; and, without a reference, how often pi_i's own log-prob (summed, and per token) prefers the chosen
@@ -24,8 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import data as data_mod
-from .io import Layout, atomic_write_json, read_json
-from .modeling import kernel_impl
+from .io import Layout, read_json
 from .oracle import pairwise_win
 
 logger = logging.getLogger("spa")
@@ -115,33 +115,6 @@ def model_validation(model, reference, enc: data_mod.PromptEncoder, rows: list[d
     return out
 
 
-def run_validate(cfg, iteration: int) -> str:
-    """Measures iteration i's model on the held-out gold pairs; returns iter_<i>/validation.json."""
-    from .judges import init_model_path
-    from .modeling import load_causal_lm, load_tokenizer, resolve_device
-
-    lay = Layout(cfg.output_dir)
-    device = resolve_device(cfg.model.device)
-    path = lay.model(iteration)
-    tok = load_tokenizer(path, cfg.model.trust_remote_code)
-    enc = data_mod.PromptEncoder(tok, cfg.data.max_prompt_length, cfg.data.long_prompts, cfg.data.chat_template)
-    rows = validation_rows(cfg, enc)
-    if not rows:
-        raise ValueError("validate: no held-out validation pair fits data.max_prompt_length; raise "
-                         "data.validation_size or data.max_prompt_length")
-    model = load_causal_lm(path, cfg.model, device)
-    reference = load_causal_lm(init_model_path(cfg), cfg.model, device)
-    metrics = model_validation(model, reference, enc, rows, cfg.train.beta, cfg.judge.batch_size,
-                               kernel_impl(cfg))
-    out = lay.validation(iteration)
-    atomic_write_json(out, metrics)
-    m = metrics
-    logger.info("validate iter %d: reward accuracy %.3f (95%% CI %.2f-%.2f) on %d held-out gold pairs, margin %.3f",
-                iteration, m["val/reward_accuracy"], m["val/reward_accuracy_ci_low"],
-                m["val/reward_accuracy_ci_high"], m["val/reward_accuracy_pairs"], m["val/reward_margin"])
-    return out
-
-
 @dataclass
 class Selection:
     iteration: int  # the returned model is iter_<iteration>/model
@@ -204,4 +177,4 @@ def select_iteration(cfg, last: int) -> Selection:
 
 __all__ = ["wilson_interval", "agreement", "validation_rows", "judge_validation", "warn_if_uninformative",
            "warn_if_length_decides",
-           "model_validation", "run_validate", "Selection", "choose_iteration", "select_iteration"]
+           "model_validation", "Selection", "choose_iteration", "select_iteration"]

@@ -1,0 +1,43 @@
+"""The validate stage: iteration i's model on the held-out gold seed pairs (spa.validation) ->
+output_dir/iter_<i>/validation.json."""
+
+from __future__ import annotations
+
+import logging
+
+from . import data as data_mod
+from .io import Layout, atomic_write_json
+from .modeling import kernel_impl
+from .validation import model_validation, validation_rows
+
+logger = logging.getLogger("spa")
+
+
+def run_validate(cfg, iteration: int) -> str:
+    """Measures iteration i's model on the held-out gold pairs; returns iter_<i>/validation.json."""
+    from .judges import init_model_path
+    from .modeling import load_causal_lm, load_tokenizer, resolve_device
+
+    lay = Layout(cfg.output_dir)
+    device = resolve_device(cfg.model.device)
+    path = lay.model(iteration)
+    tok = load_tokenizer(path, cfg.model.trust_remote_code)
+    enc = data_mod.PromptEncoder(tok, cfg.data.max_prompt_length, cfg.data.long_prompts, cfg.data.chat_template)
+    rows = validation_rows(cfg, enc)
+    if not rows:
+        raise ValueError("validate: no held-out validation pair fits data.max_prompt_length; raise "
+                         "data.validation_size or data.max_prompt_length")
+    model = load_causal_lm(path, cfg.model, device)
+    reference = load_causal_lm(init_model_path(cfg), cfg.model, device)
+    metrics = model_validation(model, reference, enc, rows, cfg.train.beta, cfg.judge.batch_size,
+                               kernel_impl(cfg))
+    out = lay.validation(iteration)
+    atomic_write_json(out, metrics)
+    m = metrics
+    logger.info("validate iter %d: reward accuracy %.3f (95%% CI %.2f-%.2f) on %d held-out gold pairs, margin %.3f",
+                iteration, m["val/reward_accuracy"], m["val/reward_accuracy_ci_low"],
+                m["val/reward_accuracy_ci_high"], m["val/reward_accuracy_pairs"], m["val/reward_margin"])
+    return out
+
+
+__all__ = ["run_validate"]
