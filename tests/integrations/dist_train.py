@@ -116,6 +116,11 @@ def main(argv=None):
                     "world_size": trainer.accelerator.num_processes,
                     "distributed_type": str(trainer.accelerator.distributed_type),
                     "log": trainer.state.log_history}, opts.out)
+    # Tear the process group down before the interpreter exits: a gloo worker thread still alive at exit can abort
+    # the process ("terminate called without an active exception") after the results are written.
+    trainer.accelerator.wait_for_everyone()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
