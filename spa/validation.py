@@ -8,9 +8,11 @@ The seed's gold pairs are the only gold signal a run has, so data.validation_siz
     beta * (log pi_i(y|x) - log pi_init(y|x)) with the fixed reference pi_init, so that all iterations are on one
     scale: accuracy (chosen scored above rejected, ties 1/2, with a 95% Wilson interval), mean reward margin, and
     DPO loss; and, without a reference, how often pi_i's own log-prob (summed, and per token) prefers the chosen
-    response;
+    response, and the mean per-token log-likelihood of the chosen responses (the default selection metric: over the
+    built-in tasks it ranks iterations as the gold oracle does best);
   - the judge of every iteration is applied to each held-out (chosen, rejected) pair exactly as to generated pairs
-    (in the judge stage: judge/validation_accuracy), and a warning says when it cannot be told from chance.
+    (in the judge stage: judge/validation_accuracy), and a warning says when it cannot be told from chance; another
+    says when the judge's choices are decided by length (warn_if_length_decides).
 The run returns the iteration (0 = DPO on the seed, included) with the best loop.selection_metric, and stops after
 loop.patience iterations in a row without improvement (select_iteration); loop.select=last returns the last one.
 """
