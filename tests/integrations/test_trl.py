@@ -152,6 +152,16 @@ def test_peft_lora(precompute, tokenizer, rows, tmp_path):
     assert ours._metrics["train"]["rewards/margins"][0] != 0  # the reference really is the adapter-free model
 
 
+def assert_same_step_as_trl(make_model, tokenizer, rows, tmp_path):
+    """A seeded reference model from make_model(), a perturbed policy, one step of TRL's DPOTrainer and of ours."""
+    torch.manual_seed(0)
+    ref = make_model()
+    policy = perturbed(ref)
+    theirs = build(trl.DPOTrainer, policy, ref, tokenizer, rows, tmp_path)
+    ours = build(spa_trl.DPOTrainer, policy, ref, tokenizer, rows, tmp_path)
+    assert_same_step(theirs, ours)
+
+
 def test_logit_scale_model(tokenizer, rows, tmp_path):
     """Cohere multiplies its logits by config.logit_scale: applied exactly (as temperature 1 / scale)."""
     from transformers import CohereConfig, CohereForCausalLM
@@ -159,12 +169,7 @@ def test_logit_scale_model(tokenizer, rows, tmp_path):
     cfg = CohereConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=4, logit_scale=0.5, pad_token_id=0, bos_token_id=1,
                        eos_token_id=2)
-    torch.manual_seed(0)
-    ref = CohereForCausalLM(cfg)
-    policy = perturbed(ref)
-    theirs = build(trl.DPOTrainer, policy, ref, tokenizer, rows, tmp_path)
-    ours = build(spa_trl.DPOTrainer, policy, ref, tokenizer, rows, tmp_path)
-    assert_same_step(theirs, ours)
+    assert_same_step_as_trl(lambda: CohereForCausalLM(cfg), tokenizer, rows, tmp_path)
 
 
 def test_softcapping_model(tokenizer, rows, tmp_path):
@@ -175,12 +180,7 @@ def test_softcapping_model(tokenizer, rows, tmp_path):
     cfg = Gemma2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                        num_attention_heads=4, num_key_value_heads=4, head_dim=8, final_logit_softcapping=0.5,
                        pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    ref = Gemma2ForCausalLM(cfg)
-    policy = perturbed(ref)
-    theirs = build(trl.DPOTrainer, policy, ref, tokenizer, rows, tmp_path)
-    ours = build(spa_trl.DPOTrainer, policy, ref, tokenizer, rows, tmp_path)
-    assert_same_step(theirs, ours)
+    assert_same_step_as_trl(lambda: Gemma2ForCausalLM(cfg), tokenizer, rows, tmp_path)
 
 
 def test_unsupported_loss_passes_through(tokenizer, rows, tmp_path, caplog):

@@ -43,6 +43,13 @@ def shapes(draw):
     return n, t, v
 
 
+def draw_case(draw):
+    """What every fuzz case draws first: a seeded generator for its tensors, the dtype and the [N, T, V] shape."""
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1), label="seed"))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]), label="dtype")
+    return gen, dtype, draw(shapes(), label="shape")
+
+
 def layout_view(base: torch.Tensor, layout: str, shape) -> torch.Tensor:
     """The [N, T, V] view of `base` (built by make_base) for a layout."""
     N, T, V = shape
@@ -128,9 +135,7 @@ LOGPROB_IMPLS = impl_params("logprobs")
 
 def _token_or_sequence(impl, data, op):
     draw = data.draw
-    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1), label="seed"))
-    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]), label="dtype")
-    N, T, V = draw(shapes(), label="shape")
+    gen, dtype, (N, T, V) = draw_case(draw)
     ignore_index = draw(st.sampled_from([-100, -1, 3]), label="ignore_index")
     temperature = draw(st.sampled_from([1.0, 1.0, 0.7, 2.5]), label="temperature")
     average = op == "sequence" and draw(st.booleans(), label="average")
@@ -178,9 +183,7 @@ def test_fuzz_spa_sequence_logprobs(impl):
     @given(data=st.data())
     def run(data):
         draw = data.draw
-        gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1), label="seed"))
-        dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]), label="dtype")
-        N, T, V = draw(shapes(), label="shape")
+        gen, dtype, (N, T, V) = draw_case(draw)
         ignore_index = draw(st.sampled_from([-100, 0]), label="ignore_index")
         lam = draw(st.sampled_from([0.0, 0.5, 2.0]), label="lam")
         average = draw(st.booleans(), label="average")
@@ -267,9 +270,7 @@ def test_fuzz_linear_sequence_logprobs(impl):
     @given(data=st.data())
     def run(data):
         draw = data.draw
-        gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1), label="seed"))
-        dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]), label="dtype")
-        N, T, V = draw(shapes(), label="shape")
+        gen, dtype, (N, T, V) = draw_case(draw)
         ignore_index = draw(st.sampled_from([-100, 2]), label="ignore_index")
         temperature = draw(st.sampled_from([1.0, 0.7]), label="temperature")
         average = draw(st.booleans(), label="average")
@@ -311,9 +312,7 @@ def test_fuzz_linear_spa_sequence_logprobs(impl):
     @given(data=st.data())
     def run(data):
         draw = data.draw
-        gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1), label="seed"))
-        dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]), label="dtype")
-        N, T, V = draw(shapes(), label="shape")
+        gen, dtype, (N, T, V) = draw_case(draw)
         ignore_index = -100
         lam = draw(st.sampled_from([0.0, 0.5]), label="lam")
         hb, hview, weight, bias = _linear_inputs(draw, gen, dtype, N, T, V)
