@@ -120,6 +120,7 @@ def main(argv=None):
     # the process ("terminate called without an active exception") after the results are written.
     trainer.accelerator.wait_for_everyone()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
