@@ -143,7 +143,9 @@ def _extensions():
         archs, gencode = _cuda_archs()
         cuda_defines = defines + ["-DSPA_WITH_CUDA", f'-DSPA_CUDA_ARCHS="{";".join(archs)}"',
                                   f'-DSPA_CUDA_VERSION="{torch.version.cuda}"']
-        nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
+        # -warn-spills: ptxas names any kernel that spills registers in the build log (python -m
+        # spa_kernels.compile_check --cuda reports registers / local / shared memory of the built kernels)
+        nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr", "-Xptxas=-warn-spills",
                 f"--threads={os.environ.get('NVCC_THREADS', '2')}"] + gencode + cuda_defines
         ext = CUDAExtension(sources=sources + rel("csrc/*/*_cuda.cu"),
                             extra_compile_args={"cxx": cxx + cuda_defines, "nvcc": nvcc},

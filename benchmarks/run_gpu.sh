@@ -11,7 +11,9 @@
 # is recorded and the run goes on. Needs no network: `pip install --no-deps --no-build-isolation -e .`.
 # Environment: CUDA_HOME (default /usr/local/cuda), PYTHON (default python), SPA_GPU_BUDGET_S, SPA_SKIP_INSTALL=1
 # (use the spa_kernels already importable, e.g. for a second run on a warm machine), SPA_GPU_QUICK=1 (below),
-# SPA_GPU_SANITIZE=1 (also run scripts/sanitize_cuda.sh memcheck racecheck; give it SPA_GPU_BUDGET_S=780 or so).
+# SPA_GPU_SANITIZE=1 (also run scripts/sanitize_cuda.sh with the tools in SPA_GPU_SANITIZE_TOOLS, default
+# "memcheck racecheck"; give it SPA_GPU_BUDGET_S=780 or so), SPA_GPU_BENCH=0 (build, tests and sanitizer only: no
+# autotune table, no benchmarks). MAX_JOBS defaults to the machine's cores for the build.
 set -uo pipefail
 
 if [ $# -ne 1 ]; then
@@ -32,6 +34,7 @@ STAGE="$(mktemp -d)"
 mkdir -p "$STAGE/logs" "$STAGE/results" "$STAGE/autotune"
 export SPA_KERNELS_CACHE_DIR="$STAGE/autotune"  # a fresh table, shipped with the results
 export PYTHONUNBUFFERED=1
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"  # setup.py would cap it by the free memory, which starts low on some VMs
 SUMMARY="$STAGE/summary.txt"
 START=$SECONDS
 MARK="$STAGE/.start"
@@ -98,14 +101,24 @@ cat "$STAGE/logs/info.log" >>"$SUMMARY"
 
 # 2. the build test (the archs the CUDA kernels were compiled for), then every GPU test
 step build_test 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_build.py
-step tests 150 "$PY" -m pytest -q -p no:cacheprovider -m "gpu and not slow" --junitxml="$STAGE/results/gpu_tests.xml" \
-  tests/
-tail -n 1 "$STAGE/logs/tests.log" | sed 's/^/tests: /' | tee -a "$SUMMARY"
+# -v: every test's verdict is in the log as it finishes (a step cut off by its limit still says what failed);
+# pytest-xdist, where installed, spreads the Triton JIT compiles over the cores.
+XDIST=()
+"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "${SPA_GPU_TEST_WORKERS:-8}")
+step tests "${SPA_GPU_TESTS_S:-150}" "$PY" -m pytest -v -rfE --tb=short -p no:cacheprovider "${XDIST[@]}" \
+  -m "gpu and not slow" --junitxml="$STAGE/results/gpu_tests.xml" tests/
+grep -E "^[0-9=]+ .*(passed|failed)|^=+ .*(passed|failed)" "$STAGE/logs/tests.log" | tail -n 1 | sed 's/^/tests: /' \
+  | tee -a "$SUMMARY"
+grep -E "^(FAILED|ERROR) " "$STAGE/logs/tests.log" | head -n 40 | tee -a "$SUMMARY"
 
 # optional: the CUDA tests under compute-sanitizer (memcheck, racecheck), before the benchmarks
 if [ "${SPA_GPU_SANITIZE:-0}" = "1" ]; then
-  step sanitize 240 scripts/sanitize_cuda.sh memcheck racecheck
+  # shellcheck disable=SC2086
+  step sanitize 240 scripts/sanitize_cuda.sh ${SPA_GPU_SANITIZE_TOOLS:-memcheck racecheck}
 fi
+if [ "${SPA_GPU_BENCH:-1}" = "0" ]; then
+  note "autotune and benchmarks skipped (SPA_GPU_BENCH=0)"
+else
 
 # 3. the measured cuda/triton table that impl="auto" uses
 step autotune 90 "$PY" -m spa_kernels.autotune --dtypes bfloat16 --vocab 32000,128256 --copy-to "$STAGE/results"
@@ -118,6 +131,7 @@ for bench in benchmarks/bench_*.py; do
   [ "$name" = bench_trl_step.py ] && limit=200  # one process per variant
   step "${name%.py}" "$limit" "$PY" "$bench" $(bench_args "$name")
 done
+fi
 
 # 5. pack
 find benchmarks/results -type f -newer "$MARK" -exec cp {} "$STAGE/results/" \; 2>/dev/null

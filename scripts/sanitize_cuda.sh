@@ -39,7 +39,8 @@ fi
 
 TESTS=(tests/ops/test_logprobs.py tests/ops/test_spa_logprobs.py tests/ops/test_linear_logprobs.py
        tests/ops/test_linear_spa_logprobs.py tests/ops/test_cuda.py)
-SELECT="cuda and not triton${SANITIZE_K:+ and (${SANITIZE_K})}"
+# Graph capture is left out: without the caching allocator, a capture's cudaFree is illegal (error 900).
+SELECT="cuda and not triton and not cuda_graph${SANITIZE_K:+ and (${SANITIZE_K})}"
 export PYTORCH_NO_CUDA_MEMORY_CACHING=1
 export SPA_KERNELS_AUTOTUNE=0  # no timing runs under the sanitizer
 

@@ -1,10 +1,16 @@
 """Choosing an implementation ("torch", "cpu", "triton", "cuda") for one call of one op.
 
-Each op lives in spa_kernels/ops/<op>/ with one module per backend: reference.py ("torch"), cpu.py, triton.py,
-cuda.py. A backend module may define `supports(**tensors) -> str | None` (None = supported, else the reason);
-the device/dtype rules every backend shares are checked here. `impl="auto"` takes the first usable backend in
-the order for the tensors' device; SPA_KERNELS_IMPL=<name> replaces "auto" (an explicit impl= argument wins).
-Naming an implementation that cannot run raises ValueError with the reasons and what is usable instead.
+Every op has one backend per implementation, listed in BACKENDS (the one registry the dispatcher reads): the module
+spa_kernels/ops/<op>/<file>.py (reference.py is "torch"). Every kernel backend follows one protocol, whatever the
+op: `forward(...)` returns the outputs plus what the backward needs, `backward(grad, ...)` returns the input
+gradients, and the op's autograd.Function (ops/<op>/function.py) is handed the resolved backend module. So "the CUDA
+backward of linear_logprobs" is `backward` in spa_kernels/ops/linear_logprobs/cuda.py. The "torch" reference
+backends are plain PyTorch under autograd.
+
+Device and dtype rules every backend shares are checked here; rules particular to one op are declared beside its
+entry (REQUIRES). `impl="auto"` takes the first usable backend in the order for the tensors' device;
+SPA_KERNELS_IMPL=<name> replaces "auto" (an explicit impl= argument wins). Naming an implementation that cannot run
+raises ValueError with the reasons and what is usable instead.
 
 On CUDA tensors the order between "cuda" and "triton" is measured, per op, dtype and vocabulary size, on the GPU in
 hand and cached on disk (spa_kernels/autotune.py; `python -m spa_kernels.autotune` fills the table ahead of time).
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
 from functools import cache
 from types import ModuleType
 
@@ -23,17 +30,40 @@ import torch
 from . import _ext
 
 IMPLS = ("torch", "cpu", "triton", "cuda")
-_MODULE = {"torch": "reference", "cpu": "cpu", "triton": "triton", "cuda": "cuda"}
+_FILE = {"torch": "reference", "cpu": "cpu", "triton": "triton", "cuda": "cuda"}
+OPS = ("logprobs", "spa_logprobs", "linear_logprobs", "linear_spa_logprobs")
+# op -> impl -> backend module. Every op has all four implementations.
+BACKENDS: dict[str, dict[str, str]] = {
+    op: {impl: f"spa_kernels.ops.{op}.{_FILE[impl]}" for impl in IMPLS} for op in OPS
+}
 _DTYPES = {
     "torch": (torch.float64, torch.float32, torch.bfloat16, torch.float16),
     "cpu": (torch.float64, torch.float32, torch.bfloat16, torch.float16),
     "triton": (torch.float32, torch.bfloat16, torch.float16),
     "cuda": (torch.float32, torch.bfloat16, torch.float16),
 }
+
+
+def same_dtype(a: str, b: str) -> Callable[..., str | None]:
+    """A rule: tensors `a` and `b` (when given) share a dtype (kernels compiled for one element type)."""
+    def rule(**tensors) -> str | None:
+        x, y = tensors.get(a), tensors.get(b)
+        if x is not None and y is not None and x.dtype != y.dtype:
+            return f"{a} ({x.dtype}) and {b} ({y.dtype}) must share a dtype"
+        return None
+    return rule
+
+
+# (op, impl) -> rules beyond the shared device / dtype ones; each returns None or why the backend cannot run.
+REQUIRES: dict[tuple[str, str], tuple[Callable[..., str | None], ...]] = {
+    ("spa_logprobs", "cpu"): (same_dtype("logits", "ref_logits"),),
+    ("spa_logprobs", "cuda"): (same_dtype("logits", "ref_logits"),),
+    ("linear_spa_logprobs", "cpu"): (same_dtype("weight", "ref_weight"),),
+    ("linear_spa_logprobs", "cuda"): (same_dtype("weight", "ref_weight"),),
+}
 # "auto" on CPU tensors. Triton is never picked automatically on the CPU: its interpreter is for testing only.
 AUTO_ORDER_CPU = ("cpu", "torch")
-# "auto" on CUDA tensors when there is no measurement (see the module docstring), per op; ops not listed use the
-# default.
+# "auto" on CUDA tensors when there is no measurement (see the module docstring).
 AUTO_ORDER_CUDA_DEFAULT = ("triton", "cuda", "torch")
 
 
@@ -73,16 +103,18 @@ def available_impls() -> set[str]:
     return {name for name in IMPLS if impl_unavailable_reason(name) is None}
 
 
+def backend(op: str, impl: str) -> ModuleType:
+    """The backend module of `op` for `impl` (imported on first use); KeyError for an unknown op or impl."""
+    return importlib.import_module(BACKENDS[op][impl])
+
+
 def _backend_module(op: str, impl: str) -> tuple[ModuleType | None, str | None]:
-    name = f"spa_kernels.ops.{op}.{_MODULE[impl]}"
+    if op not in BACKENDS:
+        return None, f"unknown op {op!r}; expected one of {OPS}"
     try:
-        return importlib.import_module(name), None
-    except ModuleNotFoundError as e:
-        if e.name == name:
-            return None, f"there is no {impl} implementation of {op}"
-        return None, f"{name} could not be imported ({e})"
+        return backend(op, impl), None
     except ImportError as e:
-        return None, f"{name} could not be imported ({e})"
+        return None, f"{BACKENDS[op][impl]} could not be imported ({e})"
 
 
 def _device_dtype_reason(impl: str, tensors: dict[str, torch.Tensor | None]) -> str | None:
@@ -115,8 +147,11 @@ def unusable_reason(op: str, impl: str, tensors: dict[str, torch.Tensor | None],
     module, reason = _backend_module(op, impl)
     if module is None:
         return reason
-    supports = getattr(module, "supports", None)
-    return supports(**tensors, **options) if supports is not None else None
+    for rule in REQUIRES.get((op, impl), ()):
+        reason = rule(**tensors, **options)
+        if reason:
+            return reason
+    return None
 
 
 def auto_order(op: str, device: torch.device, tensors: dict[str, torch.Tensor | None] | None = None) -> tuple[str, ...]:

@@ -12,16 +12,90 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 from ._validation import NO_BAD_LABEL, check_label_flag, label_check
 
 # Read once, like triton itself: TRITON_INTERPRET must be set before any @triton.jit function is defined.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-def autotune(configs: list[triton.Config], key: list[str], interpret: triton.Config, **kwargs):
+# Shared memory one block may use (the opt-in maximum), by compute capability; the GPU's own value is used at run time.
+SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+
+
+def autotune(configs: list[triton.Config], key: list[str], interpret: triton.Config, shared_memory=None, **kwargs):
     """triton.autotune over `configs` on a GPU; under the interpreter only `interpret` (a single config is never
-    benchmarked), so CPU tests compile and run each kernel once per call."""
-    return triton.autotune(configs=[interpret] if INTERPRET else configs, key=key, **kwargs)
+    benchmarked), so CPU tests compile and run each kernel once per call.
+
+    shared_memory(config, args) -> bytes estimates what a configuration needs for these arguments (e.g. its
+    pipelined tl.dot operand tiles, which depend on the dtype): configurations that cannot fit the GPU are dropped
+    before autotuning instead of failing to launch, and spa_kernels.compile_check checks the estimate against the
+    compiler's figure for every kept configuration."""
+    if INTERPRET:
+        return triton.autotune(configs=[interpret], key=key, **kwargs)
+
+    def prune(configs, named_args, **_):
+        return prune_for_arch(configs, named_args, device_capability(), shared_memory)
+
+    decorate = triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune}, **kwargs)
+
+    def wrap(fn):
+        tuner = decorate(fn)
+        tuner.spa_shared_memory = shared_memory  # read by compile_check for other architectures
+        return tuner
+
+    return wrap
+
+
+def device_capability() -> int:
+    major, minor = torch.cuda.get_device_capability()
+    return 10 * major + minor
+
+
+def shared_limit(capability: int) -> int:
+    if torch.cuda.is_available() and capability == device_capability():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).shared_memory_per_block_optin
+    return SHARED_LIMIT.get(capability, min(SHARED_LIMIT.values()))
+
+
+def prune_for_arch(configs, named_args: dict, capability: int, shared_memory=None) -> list:
+    """The configurations whose estimated shared memory fits sm_<capability>. `configs` may be an autotuner
+    (its configurations and estimator are used)."""
+    if shared_memory is None:
+        shared_memory = getattr(configs, "spa_shared_memory", None)
+    configs = getattr(configs, "configs", configs)
+    if shared_memory is None:
+        return list(configs)
+    limit = shared_limit(capability)
+    return [c for c in configs if shared_memory(c, named_args) <= limit]
+
+
+def dot_tile_bytes(*operand_ptrs: str):
+    """Estimator for tiled tl.dot kernels: num_stages buffers of each (BLOCK_M x BLOCK_K, BLOCK_K x BLOCK_N) operand
+    pair, per pair of pointer arguments named (e.g. "h_ptr", "w_ptr"), in the operands' element size."""
+    def estimate(config, args) -> int:
+        kw = config.kwargs
+        total = 0
+        for a, b in zip(operand_ptrs[::2], operand_ptrs[1::2]):
+            size = max(args[a].element_size(), args[b].element_size())
+            total += (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * size
+        return config.num_stages * total
+    return estimate
+
+
+if INTERPRET:
+    @triton.jit
+    def scale(x, factor):
+        """x * factor rounded once (numpy never fuses it into a later add)."""
+        return x * factor
+else:
+    @triton.jit
+    def scale(x, factor):
+        """x * factor as a float32 multiply rounded once: mul.rn is never contracted into an FMA with a later add, so
+        forward and backward kernels see the same scaled logit (at |logit / T| ~ 5e4 a fused rounding moves
+        exp(u - lse) by ~0.4%), as the CUDA kernels' __fmul_rn."""
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [x, factor], dtype=tl.float32,
+                                         is_pure=True, pack=1)
 
 
 def dot_precision() -> str:

@@ -283,7 +283,7 @@ def order_for(op: str, device: torch.device, tensors: dict) -> tuple[str, ...] |
 
 
 def _free_bytes(device: torch.device) -> int:
-    from .ops.linear_logprobs.function import free_device_bytes
+    from .ops.linear_logprobs.chunked import free_device_bytes
 
     return free_device_bytes(device)
 

@@ -7,10 +7,10 @@ import platform
 import pytest
 import torch
 
-from spa_kernels import _ext
+from spa_kernels import _dispatch, _ext
 from spa_kernels._validation import label_check
-from spa_kernels.ops.linear_logprobs import function as linear_fn
-from spa_kernels.ops.linear_spa_logprobs import function as linear_spa_fn
+from spa_kernels.ops.linear_logprobs.function import LinearTokenLogprobsFunction
+from spa_kernels.ops.linear_spa_logprobs.function import LinearSpaTokenLogprobsFunction
 from spa_kernels.ops.logprobs.function import TokenLogprobsFunction
 from spa_kernels.ops.spa_logprobs import reference as spa_reference
 from spa_kernels.ops.spa_logprobs.function import SpaTokenLogprobsFunction
@@ -22,6 +22,11 @@ pytestmark = [
     pytest.mark.skipif(build.cuda_include() is None, reason="no CUDA headers (set CUDA_HOME)"),
 ]
 AUTO = (-1, 0)  # the real launchers' launch shape
+
+
+def CUDA(op):  # noqa: N802 - reads as the backend it names
+    """The impl="cuda" backend of `op`, as the dispatcher hands it to the op's autograd.Function."""
+    return _dispatch.backend(op, "cuda")
 
 
 class EmulatedKernels:
@@ -67,7 +72,7 @@ def test_token_logprobs_forward_backward(kernels, dtype, inplace):
     labels = make_labels((2, 5), 1031)
     x = logits.clone().requires_grad_()
     y = x * 1.0  # a non-leaf: the in-place backward may overwrite its buffer
-    tok = TokenLogprobsFunction.apply(y, labels, -100, 1 / 0.8, inplace, "cuda")
+    tok = TokenLogprobsFunction.apply(y, labels, -100, 1 / 0.8, inplace, CUDA("logprobs"))
     g = torch.randn(2, 5)
     (tok * g).sum().backward()
     xo = logits.double().requires_grad_()
@@ -87,9 +92,9 @@ def test_bad_label_raises_in_the_call_unless_trusted(kernels):
     labels[1, 3] = -3
     with pytest.raises(ValueError, match=r"^labels\[1, 2\] = 123 is outside \[0, 123\) and is not ignore_index "
                                          r"\(-100\)$"):
-        TokenLogprobsFunction.apply(logits, labels, -100, 1.0, False, "cuda")  # "sync": validate=True
+        TokenLogprobsFunction.apply(logits, labels, -100, 1.0, False, CUDA("logprobs"))  # "sync": validate=True
     with label_check("trusted"):
-        tok = TokenLogprobsFunction.apply(logits, labels, -100, 1.0, False, "cuda")
+        tok = TokenLogprobsFunction.apply(logits, labels, -100, 1.0, False, CUDA("logprobs"))
     assert bool((tok[1, 2:] == 0).all())  # scored as ignored, never read
 
 
@@ -99,7 +104,7 @@ def test_spa_triple_and_its_backward(kernels, dtype):
     ref_logits = make_logits((2, 3, 700), dtype)
     labels = make_labels((2, 3), 700)
     x = logits.clone().requires_grad_()
-    tok, ref, ext = SpaTokenLogprobsFunction.apply(x, ref_logits, labels, -100, 0.5, False, "cuda")
+    tok, ref, ext = SpaTokenLogprobsFunction.apply(x, ref_logits, labels, -100, 0.5, False, CUDA("spa_logprobs"))
     tok.sum().backward()
     xo = logits.double().requires_grad_()
     want = spa_reference.spa_token_logprobs(xo, ref_logits.double(), labels, 0.5)
@@ -118,7 +123,7 @@ def test_chunked_linear_path_over_the_cuda_kernels(kernels, dtype):
     bias = (torch.randn(V) * 0.5).to(dtype)
     labels = torch.randint(0, V, (M,))
     leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
-    tok = linear_fn.linear_token_logprobs(*leaves, labels, 1.0, chunk, "cuda")
+    tok = LinearTokenLogprobsFunction.apply(*leaves, labels, 1.0, chunk, None, CUDA("linear_logprobs"))
     g = torch.randn(M)
     (tok * g).sum().backward()
     ref_leaves = [t.double().requires_grad_() for t in (hidden, weight, bias)]
@@ -139,8 +144,8 @@ def test_chunked_linear_spa_path_over_the_cuda_kernels(kernels):
     weight, ref_weight = torch.randn(V, H) / 4, torch.randn(V, H) / 4
     labels = torch.randint(0, V, (M,))
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    tok, ref, ext = linear_spa_fn.linear_spa_token_logprobs(h, w, None, ref_hidden, ref_weight, None, labels, 0.5, 6,
-                                                            "cuda")
+    tok, ref, ext = LinearSpaTokenLogprobsFunction.apply(h, w, None, ref_hidden, ref_weight, None, labels, 0.5, 6,
+                                                         CUDA("linear_spa_logprobs"))
     tok.sum().backward()
     z, zr = hidden.double() @ weight.double().T, ref_hidden.double() @ ref_weight.double().T
     want = spa_reference.spa_token_logprobs(z[None], zr[None], labels[None], 0.5)

@@ -5,7 +5,8 @@ in-place gradient is multiplied by the cap's derivative."""
 import pytest
 import torch
 
-from spa_kernels.ops.linear_logprobs import function as linear_fn
+from spa_kernels import _dispatch
+from spa_kernels.ops.linear_logprobs.function import LinearTokenLogprobsFunction
 from tests.cuda_emu.test_cuda_backend_emulated import emu, kernels, pytestmark  # noqa: F401 (fixtures, marks)
 from tests.ops.test_softcap import _inputs, oracle
 
@@ -16,7 +17,8 @@ def test_cuda_chunked_linear_softcap(kernels, temperature, softcap):  # noqa: F8
     keep = labels.reshape(-1) != -100
     h, lab = hidden.reshape(-1, hidden.shape[-1])[keep], labels.reshape(-1)[keep]
     leaves = [t.clone().requires_grad_() for t in (h, weight, bias)]
-    tok = linear_fn.ChunkedLinearLogprobsFunction.apply(*leaves, lab, 1.0 / temperature, 4, "cuda", softcap)
+    tok = LinearTokenLogprobsFunction.apply(*leaves, lab, 1.0 / temperature, 4, softcap,
+                                            _dispatch.backend("linear_logprobs", "cuda"))
     ref = [t.double().requires_grad_() for t in (h, weight, bias)]
     want = oracle(ref[0].unsqueeze(1), ref[1], ref[2], lab.unsqueeze(1), temperature, softcap)
     up = torch.randn(tok.shape[0], dtype=torch.float64)

@@ -4,6 +4,7 @@ eval / validation scoring: spa.modeling.score_sequences; training: SPATrainer) a
 float32 logits), on every implementation that runs here. Tiny models built from configs with random weights (no
 download). Under TRITON_INTERPRET=1 the triton implementation runs too."""
 
+import copy
 from types import SimpleNamespace
 
 import pytest
@@ -16,7 +17,7 @@ from spa.train import SPATrainer
 from spa_kernels import _dispatch
 from spa_kernels.integrations._lm_head import logit_scale_and_softcap
 from spa_kernels.integrations.hf import sequence_logprobs
-from tests.conftest import impl_params
+from tests.conftest import impl_device, impl_params
 
 V = 61
 COMMON = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
@@ -66,7 +67,7 @@ def family(request):
 
 
 def _skip_unusable(impl, model):
-    w = model.get_output_embeddings().weight
+    w = model.get_output_embeddings().weight.to(impl_device(impl))
     reason = _dispatch.unusable_reason("linear_logprobs", impl, {"hidden": w[None], "weight": w, "bias": None,
                                                                  "labels": torch.zeros(1, V, dtype=torch.long)})
     if reason:
@@ -77,13 +78,16 @@ def _skip_unusable(impl, model):
 def test_trainer_and_dropin_logps_equal_the_models_forward(family, impl):
     name, model, want = family
     _skip_unusable(impl, model)
+    device = impl_device(impl)  # GPU backends score a copy of the model on the GPU
+    model = copy.deepcopy(model).to(device) if device.type != "cpu" else model
     # the spa trainer's scoring (judge, eval, validation, reference precompute), batched with padding
-    got = score_sequences(model, ITEMS, pad_id=0, batch_size=2, impl=impl)
+    got = score_sequences(model, ITEMS, pad_id=0, batch_size=2, impl=impl).cpu()
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4, msg=lambda m: f"{name} spa: {m}")
     # the drop-in's head on one padded batch (labels aligned with input_ids)
-    batch = pad_sequences(ITEMS, 0, "cpu")
+    batch = pad_sequences(ITEMS, 0, device)
     out = sequence_logprobs(model, batch, impl=impl, return_hidden=True)
-    torch.testing.assert_close(out.logps.double(), want, rtol=1e-5, atol=1e-4, msg=lambda m: f"{name} drop-in: {m}")
+    torch.testing.assert_close(out.logps.double().cpu(), want, rtol=1e-5, atol=1e-4,
+                               msg=lambda m: f"{name} drop-in: {m}")
     assert out.hidden_states.shape == (*batch["input_ids"].shape, 32)
 
 

@@ -8,7 +8,8 @@ import torch
 
 import spa_kernels as sk
 from spa_kernels import _dispatch
-from spa_kernels.ops.linear_logprobs import function as linear_fn
+from spa_kernels._accumulate import accumulate_mm
+from spa_kernels.ops.linear_logprobs import chunked as linear_fn
 from tests.helpers import assert_no_worse, make_labels, make_logits
 
 gpu = pytest.mark.gpu
@@ -49,11 +50,11 @@ def test_weight_gradient_accumulates_in_float32_in_bounded_slices(dtype):
     a, b = torch.randn(70, 33).to(dtype), torch.randn(33, 19).to(dtype)
     acc = torch.randn(70, 19)
     want = acc.double() + a.double() @ b.double()
-    linear_fn.accumulate_mm(acc, a, b, slice_bytes=5 * 19 * a.element_size())  # 5-row slices of the product
+    accumulate_mm(acc, a, b, slice_bytes=5 * 19 * a.element_size())  # 5-row slices of the product
     assert acc.dtype == torch.float32
     assert_no_worse(acc, want, atol=1e-2, rtol=1e-2, name="acc")
     same = torch.zeros(4, 3, dtype=torch.float64)
-    linear_fn.accumulate_mm(same, torch.ones(4, 2, dtype=torch.float64), torch.ones(2, 3, dtype=torch.float64), 8)
+    accumulate_mm(same, torch.ones(4, 2, dtype=torch.float64), torch.ones(2, 3, dtype=torch.float64), 8)
     assert bool((same == 2).all())
 
 

@@ -130,8 +130,14 @@ def test_autotuning_keys_never_include_the_token_count():
              linear_triton._linear_lse_fwd_kernel, linear_triton._linear_grad_logits_kernel,
              linear_spa_triton._linear_spa_fwd_kernel]
     for kernel in tuned:
-        assert set(kernel.keys) <= {"V", "H", "H_ref"}, kernel.keys
+        # sizes, a power-of-two bucket of the token count and alignment; never the token count itself ("M")
+        assert set(kernel.keys) <= {"V", "H", "H_ref", "m_bucket", "aligned"}, kernel.keys
+        assert "M" not in kernel.keys and "T" not in kernel.keys
         assert len(kernel.configs) == 1 if _triton.INTERPRET else len(kernel.configs) > 1
+    assert [linear_triton.m_bucket(m) for m in (1, 2, 300, 511, 512, 4096, 10**6)] == [1, 2, 9, 9, 10, 13, 15]
+    x = torch.zeros(4, 64, dtype=torch.bfloat16)
+    assert linear_triton.aligned(x, x[:, :32]) == 1 and linear_triton.aligned(x[:, 1:]) == 0
+    assert linear_triton.aligned(torch.zeros(4, 63, dtype=torch.bfloat16)) == 0
 
 
 # ---------------------------------------------------------------- GPU scale: native kernels, bfloat16, big shapes

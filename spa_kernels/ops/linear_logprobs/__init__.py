@@ -1,6 +1,7 @@
 """linear_sequence_logprobs: per-sequence log-probs straight from hidden states and the lm_head weight, never
 building [N, T, V] logits. Backends: reference.py ("torch", checkpointed chunks), cpu.py / cuda.py (chunked
-matmul + fused log-prob kernel, function.py), triton.py (fused matmul + online log-sum-exp)."""
+matmul + fused log-prob kernel, chunked.py), triton.py (fused matmul + online log-sum-exp); function.py holds the
+autograd.Function the kernel backends share."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from ..._validation import (
     check_temperature,
 )
 from ..logprobs.reference import reduce_sequence
+from . import reference
+from .function import LinearTokenLogprobsFunction
 
 __all__ = ["linear_sequence_logprobs", "linear_token_logprobs", "check_linear_inputs", "compact_tokens",
            "scatter_tokens", "empty_selection", "check_softcap"]
@@ -83,15 +86,19 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     if chunk_size is not None and int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
     check_label_range(labels, weight.shape[0], ignore_index)
-    _, module = _dispatch.resolve("linear_logprobs", impl,
-                                  {"hidden": hidden, "weight": weight, "bias": bias, "labels": labels})
+    name, backend = _dispatch.resolve("linear_logprobs", impl,
+                                      {"hidden": hidden, "weight": weight, "bias": bias, "labels": labels})
     N, T, H = hidden.shape
     index = compact_tokens(labels, ignore_index)
     if index.numel() == 0:
         return empty_selection(hidden, weight, bias, (N, T))
-    token = module.linear_token_logprobs(hidden.reshape(N * T, H).index_select(0, index), weight, bias,
-                                         labels.reshape(-1).index_select(0, index), 1.0 / temperature,
-                                         None if chunk_size is None else int(chunk_size), softcap)
+    args = (hidden.reshape(N * T, H).index_select(0, index), weight, bias,
+            labels.reshape(-1).index_select(0, index).contiguous(), 1.0 / temperature,
+            None if chunk_size is None else int(chunk_size), softcap)
+    if name == "torch":
+        token = reference.linear_token_logprobs(*args)
+    else:
+        token = LinearTokenLogprobsFunction.apply(*args, backend)
     return scatter_tokens(token, index, (N, T))
 
 

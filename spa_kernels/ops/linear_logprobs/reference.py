@@ -9,7 +9,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..._validation import acc_dtype
 from ..logprobs import reference as logprobs_ref
-from .function import default_chunk_size
+from .chunked import default_chunk_size
 
 
 def _chunk_logprobs(hidden, weight, bias, labels, temperature, softcap=None):

@@ -14,10 +14,13 @@ in one GEMM written straight into the gradient (float32 accumulation inside the 
 grad_hidden += G @ weight[chunk] accumulates across chunks in a float32 [M, H] buffer. Because the log-sum-exp is
 known from the forward, vocabulary chunks are independent.
 
-Tuning: both kernels are autotuned over a few (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) tiles keyed on (V, H) and
-the dtypes - never on the number of tokens, so sequence lengths do not trigger recompilation (token counts are also
-excluded from integer specialisation). The tiles are the usual Hopper/Ampere GEMM shapes that fit the register file
-with a float32 accumulator.
+Tuning: both kernels are autotuned over a few (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) tiles keyed on (V, H), the
+dtypes, a power-of-two bucket of the token count and the rows' alignment (AUTOTUNE_KEY) - never on the exact number
+of tokens, so new sequence lengths neither re-tune nor recompile (token counts are excluded from integer
+specialisation). The tiles are the usual Hopper/Ampere GEMM shapes that fit the register file with a float32
+accumulator; a tile whose pipelined operands do not fit the GPU's shared memory (a float32 128x256 tile) is pruned
+before autotuning. float32 inputs follow torch.get_float32_matmul_precision(): "highest" (torch's default) is an
+exact float32 tl.dot, "high" / "medium" (or torch.backends.cuda.matmul.allow_tf32 = True) use TF32 tensor cores.
 """
 
 from __future__ import annotations
@@ -27,19 +30,22 @@ import triton
 import triton.language as tl
 
 from ... import _triton
-from .function import default_chunk_size
+from ..._accumulate import accumulate_mm
+from .chunked import default_chunk_size
 
+# At most 64 float32 accumulators per thread (BLOCK_M * BLOCK_N / (32 * num_warps)): with the tile's operands,
+# the label compare and the softcap, that keeps every bf16 / fp16 configuration within 255 registers on sm_90
+# without spilling (python -m spa_kernels.compile_check). 128 accumulators per thread (128x128 over 4 warps, 128x256
+# over 8) spilled up to 668 bytes, and 128x256 over 16 warps meets the 128-register cap of 512 threads.
 _TILE_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
 ]
 # Under the interpreter: small tiles so that the tests' odd shapes span several tiles in every dimension.
 _INTERPRET_TILE = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16})
-# Vocabulary slices (forward) and chunks (backward) start on multiples of the widest BLOCK_N, so tiles never
-# straddle two of them.
+# Vocabulary slices (forward) and chunks (backward) start on multiples of BLOCK_N, so tiles never straddle two.
 VOCAB_ALIGN = 32 if _triton.INTERPRET else 256
 # A forward vocabulary slice is at least this wide (smaller under the interpreter, so tests cover several slices).
 MIN_SLICE = 64 if _triton.INTERPRET else 4096
@@ -48,6 +54,28 @@ GROUP_M = 8  # backward tile order: GROUP_M token tiles sweep the vocabulary tog
 
 def _even_k(args) -> bool:
     return args["H"] % args["BLOCK_K"] == 0
+
+
+# What changes the best tile, besides the dtypes (always part of Triton's key): the vocabulary and hidden sizes, the
+# number of tokens in power-of-two buckets (a few tokens want narrow tiles, thousands want wide ones) and whether the
+# rows are 16-byte aligned. Never the exact token count, so new sequence lengths reuse the tuned tiles.
+AUTOTUNE_KEY = ["V", "H", "m_bucket", "aligned"]
+
+
+def m_bucket(M: int) -> int:
+    """log2 bucket of the token count, capped at 2**14 tokens."""
+    return min(max(M, 1).bit_length(), 15)
+
+
+def aligned(*tensors) -> int:
+    """1 when every tensor's base and row stride are 16-byte aligned (vectorised tile loads), else 0."""
+    for t in tensors:
+        if t is None:
+            continue
+        size = t.element_size()
+        if t.data_ptr() % 16 or any((st * size) % 16 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1):
+            return 0
+    return 1
 
 
 @triton.jit
@@ -93,11 +121,12 @@ def tile_lse_update(m, s, z):
     return m_new, s
 
 
-@_triton.autotune(_TILE_CONFIGS, key=["V", "H"], interpret=_INTERPRET_TILE)
+@_triton.autotune(_TILE_CONFIGS, key=AUTOTUNE_KEY, interpret=_INTERPRET_TILE,
+                  shared_memory=_triton.dot_tile_bytes("h_ptr", "w_ptr"))
 @triton.heuristics({"EVEN_K": _even_k})
-@triton.jit(do_not_specialize=["M", "slice_width"])
+@triton.jit(do_not_specialize=["M", "slice_width", "m_bucket", "aligned"])
 def _linear_lse_fwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, part_ptr, M, V, H, stride_hm, stride_hk, stride_wv,
-                           stride_wk, inv_temperature, softcap, slice_width, HAS_BIAS: tl.constexpr,
+                           stride_wk, inv_temperature, softcap, slice_width, m_bucket, aligned, HAS_BIAS: tl.constexpr,
                            SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr,
                            PRECISION: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -115,13 +144,17 @@ def _linear_lse_fwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, part_ptr, M, V, H, s
     for v in range(v_lo, v_hi, BLOCK_N):
         cols = v + tl.arange(0, BLOCK_N)
         col_ok = cols < v_hi
-        z = logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, stride_hm, stride_hk, stride_wv,
-                        stride_wk, HAS_BIAS, EVEN_K, DOT_F32, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K) * inv_temperature
+        z = _triton.scale(logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, stride_hm, stride_hk,
+                                      stride_wv, stride_wk, HAS_BIAS, EVEN_K, DOT_F32, PRECISION, BLOCK_M, BLOCK_N,
+                                      BLOCK_K), inv_temperature)
         if SOFTCAP:
             z = softcap_tile(z, softcap)
         z = tl.where(col_ok[None, :], z, float("-inf"))
         m, s = tile_lse_update(m, s, z)
-        picked += tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), axis=1)
+        # the label's column within this tile, compared in int32: an int64 [BLOCK_M, BLOCK_N] compare costs the
+        # registers that made the reduced-precision tiles spill
+        label_col = (labels - v).to(tl.int32)
+        picked += tl.sum(tl.where(tl.arange(0, BLOCK_N)[None, :] == label_col[:, None], z, 0.0), axis=1)
     n_slices = tl.num_programs(1).to(tl.int64)
     out = part_ptr + vslice * M + rows
     tl.store(out, m, mask=row_ok)
@@ -129,11 +162,12 @@ def _linear_lse_fwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, part_ptr, M, V, H, s
     tl.store(out + 2 * n_slices * M, picked, mask=row_ok)
 
 
-@_triton.autotune(_TILE_CONFIGS, key=["V", "H"], interpret=_INTERPRET_TILE)
+@_triton.autotune(_TILE_CONFIGS, key=AUTOTUNE_KEY, interpret=_INTERPRET_TILE,
+                  shared_memory=_triton.dot_tile_bytes("h_ptr", "w_ptr"))
 @triton.heuristics({"EVEN_K": _even_k})
-@triton.jit(do_not_specialize=["M", "v0", "n_cols"])
+@triton.jit(do_not_specialize=["M", "v0", "n_cols", "m_bucket", "aligned"])
 def _linear_grad_logits_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, coef_ptr, g_ptr, M, V, H, v0, n_cols,
-                               stride_hm, stride_hk, stride_wv, stride_wk, inv_temperature, softcap,
+                               stride_hm, stride_hk, stride_wv, stride_wk, inv_temperature, softcap, m_bucket, aligned,
                                HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
                                DOT_F32: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
                                GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -150,18 +184,19 @@ def _linear_grad_logits_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, coef_pt
     pid_n = (pid % per_group) // group_size
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
-    local = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    local = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # int32: n_cols < 2**31
     col_ok = local < n_cols
-    cols = v0 + local
-    z = logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, stride_hm, stride_hk, stride_wv, stride_wk,
-                    HAS_BIAS, EVEN_K, DOT_F32, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K) * inv_temperature
+    cols = v0 + local.to(tl.int64)
+    z = _triton.scale(logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, stride_hm, stride_hk, stride_wv,
+                                  stride_wk, HAS_BIAS, EVEN_K, DOT_F32, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K),
+                      inv_temperature)
     if SOFTCAP:
         z = softcap_tile(z, softcap)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     coef = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
-    labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
+    label_col = (tl.load(labels_ptr + rows, mask=row_ok, other=-1) - v0).to(tl.int32)  # int32 compare (registers)
     p = tl.exp(z - lse[:, None])
-    g = tl.where(cols[None, :] == labels[:, None], coef[:, None] * (1.0 - p), -coef[:, None] * p)
+    g = tl.where(local[None, :] == label_col[:, None], coef[:, None] * (1.0 - p), -coef[:, None] * p)
     if SOFTCAP:
         c = z / softcap
         g = g * (1.0 - c * c)
@@ -195,7 +230,8 @@ def merge_lse(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 def linear_lse_forward(hidden, weight, bias, labels, inv_temperature: float,
                        softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """hidden [M, H], weight [V, H], bias [V] | None, labels [M] in [0, V) -> (token log-probs [M], lse [M])."""
+    """hidden [M, H], weight [V, H], bias [V] | None, labels [M] (contiguous) in [0, V) -> (token log-probs [M],
+    lse [M])."""
     M, H = hidden.shape
     V = weight.shape[0]
     n_slices, width = _slices(M, V, hidden.device)
@@ -203,7 +239,8 @@ def linear_lse_forward(hidden, weight, bias, labels, inv_temperature: float,
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), n_slices)
     _linear_lse_fwd_kernel[grid](hidden, weight, bias, labels, part, M, V, H, hidden.stride(0), hidden.stride(1),
                                  weight.stride(0), weight.stride(1), inv_temperature, softcap or 1.0, width,
-                                 HAS_BIAS=bias is not None, SOFTCAP=softcap is not None,
+                                 m_bucket(M), aligned(hidden, weight), HAS_BIAS=bias is not None,
+                                 SOFTCAP=softcap is not None,
                                  **_kernel_flags(hidden, weight, bias))
     lse = merge_lse(part[0], part[1])
     return part[2].sum(0) - lse, lse
@@ -214,20 +251,6 @@ def vocab_chunk(M: int, V: int, chunk_size: int | None) -> int:
     tokens' full logits would (the chunked backends' budget), aligned to VOCAB_ALIGN."""
     budget = (chunk_size or default_chunk_size(V)) * V
     return min(V, max(VOCAB_ALIGN, budget // max(M, 1) // VOCAB_ALIGN * VOCAB_ALIGN))
-
-
-def _addmm_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b for a float32 acc, without rounding a reduced-precision product before the sum: on CUDA the GEMM
-    writes float32 itself (torch >= 2.8); elsewhere (the interpreter's CPU tests) the operands are upcast."""
-    if a.dtype == torch.float32:
-        acc.addmm_(a, b)
-    elif acc.is_cuda and _CUDA_MM_OUT_DTYPE:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    else:
-        acc.addmm_(a.float(), b.float())
-
-
-_CUDA_MM_OUT_DTYPE = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 8)
 
 
 def linear_backward(grad_token, hidden, weight, bias, labels, lse, inv_temperature: float, chunk_size: int | None,
@@ -246,45 +269,29 @@ def linear_backward(grad_token, hidden, weight, bias, labels, lse, inv_temperatu
     chunk = vocab_chunk(M, V, chunk_size)
     buf = torch.empty(M * chunk, dtype=hidden.dtype, device=hidden.device)
     flags = _kernel_flags(hidden, weight, bias)
+    bucket, align = m_bucket(M), aligned(hidden, weight)
     for v0 in range(0, V, chunk):
         n_cols = min(chunk, V - v0)
         g = buf[:M * n_cols].view(M, n_cols)
         grid = lambda meta, n_cols=n_cols: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n_cols, meta["BLOCK_N"]),)
         _linear_grad_logits_kernel[grid](hidden, weight, bias, labels, lse, coef, g, M, V, H, v0, n_cols,
                                          hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-                                         inv_temperature, softcap or 1.0, HAS_BIAS=bias is not None,
+                                         inv_temperature, softcap or 1.0, bucket, align, HAS_BIAS=bias is not None,
                                          SOFTCAP=softcap is not None, GROUP_M=GROUP_M, **flags)
         if need_w:
             torch.mm(g.t(), hidden, out=grad_w[v0:v0 + n_cols])
         if need_b:
             grad_b[v0:v0 + n_cols] = g.sum(0, dtype=torch.float32)
         if need_h:
-            _addmm_f32(grad_h, g, weight[v0:v0 + n_cols])
+            accumulate_mm(grad_h, g, weight[v0:v0 + n_cols], slice_bytes=g.nbytes)
     return (None if grad_h is None else grad_h.to(hidden.dtype), grad_w,
             None if grad_b is None else grad_b.to(bias.dtype))
 
 
-class LinearTokenLogprobsFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, inv_temperature: float, chunk_size: int | None,
-                softcap: float | None = None):
-        token, lse = linear_lse_forward(hidden, weight, bias, labels, inv_temperature, softcap)
-        ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        ctx.args = (inv_temperature, chunk_size, softcap)
-        return token
-
-    @staticmethod
-    def backward(ctx, grad_token):
-        hidden, weight, bias, labels, lse = ctx.saved_tensors
-        inv_temperature, chunk_size, softcap = ctx.args
-        grads = linear_backward(grad_token, hidden, weight, bias, labels, lse, inv_temperature, chunk_size,
-                                ctx.needs_input_grad[:3], softcap)
-        return (*grads, None, None, None, None)
+def forward(hidden, weight, bias, labels, inv_temperature: float, chunk_size: int | None,
+            softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The linear_logprobs backend protocol's forward (chunk_size only shapes the backward)."""
+    return linear_lse_forward(hidden, weight, bias, labels, inv_temperature, softcap)
 
 
-def linear_token_logprobs(hidden, weight, bias, labels, inv_temperature: float, chunk_size: int | None,
-                          softcap: float | None = None):
-    """hidden [M, H], weight [V, H], bias [V] | None, labels [M] (all in [0, V)) -> [M] float32 log p(label);
-    with softcap the logits are softcap * tanh(z / softcap) (z scaled by inv_temperature first)."""
-    return LinearTokenLogprobsFunction.apply(hidden, weight, bias, labels.contiguous(), inv_temperature, chunk_size,
-                                             softcap)
+backward = linear_backward  # the linear_logprobs backend protocol's backward

@@ -1,6 +1,7 @@
 """linear_spa_sequence_logprobs: the SPA triple (policy, reference, extrapolated log-probs) straight from the
 policy's and the reference model's hidden states, never building [N, T, V] logits. Backends: reference.py
-("torch"), cpu.py / cuda.py (chunked, function.py), triton.py (fused)."""
+("torch"), cpu.py / cuda.py (chunked, chunked.py), triton.py (fused); function.py holds the autograd.Function the
+kernel backends share."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from ... import _dispatch
 from ..._validation import check_finite, check_label_range
 from ..linear_logprobs import check_linear_inputs, compact_tokens, empty_selection, scatter_tokens
 from ..logprobs.reference import reduce_sequence
+from . import reference
+from .function import LinearSpaTokenLogprobsFunction
 
 __all__ = ["linear_spa_sequence_logprobs"]
 
@@ -35,15 +38,18 @@ def linear_spa_sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, ref
     check_label_range(labels, weight.shape[0], ignore_index)
     tensors = {"hidden": hidden, "weight": weight, "bias": bias, "ref_hidden": ref_hidden, "ref_weight": ref_weight,
                "ref_bias": ref_bias, "labels": labels}
-    _, module = _dispatch.resolve("linear_spa_logprobs", impl, tensors)
+    name, backend = _dispatch.resolve("linear_spa_logprobs", impl, tensors)
     N, T, H = hidden.shape
     index = compact_tokens(labels, ignore_index)
     if index.numel() == 0:
         zeros = empty_selection(hidden, weight, bias, (N, T))
         return tuple(reduce_sequence(z, labels, ignore_index, average) for z in (zeros, zeros.detach(), zeros.detach()))
     flat = lambda t: t.reshape(N * T, t.shape[-1]).index_select(0, index)
-    tokens = module.linear_spa_token_logprobs(flat(hidden), weight, bias, flat(ref_hidden.detach()),
-                                              ref_weight.detach(), None if ref_bias is None else ref_bias.detach(),
-                                              labels.reshape(-1).index_select(0, index), lam,
-                                              None if chunk_size is None else int(chunk_size))
+    args = (flat(hidden), weight, bias, flat(ref_hidden.detach()), ref_weight.detach(),
+            None if ref_bias is None else ref_bias.detach(), labels.reshape(-1).index_select(0, index).contiguous(),
+            lam, None if chunk_size is None else int(chunk_size))
+    if name == "torch":
+        tokens = reference.linear_spa_token_logprobs(*args)
+    else:
+        tokens = LinearSpaTokenLogprobsFunction.apply(*args, backend)
     return tuple(reduce_sequence(scatter_tokens(t, index, (N, T)), labels, ignore_index, average) for t in tokens)

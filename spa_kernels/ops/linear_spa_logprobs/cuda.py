@@ -1,17 +1,13 @@
-"""SPA triple log-probs from hidden states with the cuda SPA kernel on token chunks (impl="cuda"); see function.py."""
+"""linear_spa_logprobs with impl="cuda": ATen matmuls per chunk of tokens around the cuda SPA kernel (chunked.py);
+the backward is linear_logprobs' cuda backward (only the policy log-probs carry a gradient)."""
 
 from __future__ import annotations
 
-from . import function
+from ..linear_logprobs.cuda import backward  # noqa: F401 - this op's backward
+from ..spa_logprobs import cuda as spa_kernels
+from . import chunked
 
 
-def supports(weight=None, ref_weight=None, **_):
-    if weight is not None and ref_weight is not None and weight.dtype != ref_weight.dtype:
-        return f"weight ({weight.dtype}) and ref_weight ({ref_weight.dtype}) must share a dtype"
-    return None
-
-
-def linear_spa_token_logprobs(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lam: float,
-                              chunk_size: int | None):
-    return function.linear_spa_token_logprobs(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lam,
-                                              chunk_size, "cuda")
+def forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lam: float, chunk_size: int | None):
+    return chunked.forward(spa_kernels, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lam,
+                           chunk_size)

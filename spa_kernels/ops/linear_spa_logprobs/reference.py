@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ..linear_logprobs.function import default_chunk_size
+from ..linear_logprobs.chunked import default_chunk_size
 from ..spa_logprobs import reference as spa_ref
 
 

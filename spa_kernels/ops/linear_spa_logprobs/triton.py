@@ -7,7 +7,7 @@ token, labels' logits picked in the same pass. Nothing of size [tokens, V] is st
 log-probs carry a gradient, so it is linear_logprobs' backward with temperature 1.
 
 Tuning: autotuned like linear_logprobs, over smaller tiles (two float32 accumulators live at once), keyed on
-(V, H, H_ref) and the dtypes.
+(V, H, H_ref), the dtypes, the token-count bucket and the alignment.
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ from ..linear_logprobs.triton import (
     _INTERPRET_TILE,
     _kernel_flags,
     _slices,
+    aligned,
     linear_backward,
     logits_tile,
+    m_bucket,
     merge_lse,
     tile_lse_update,
 )
@@ -39,12 +41,15 @@ def _even_k(args) -> bool:
     return args["H"] % args["BLOCK_K"] == 0 and args["H_ref"] % args["BLOCK_K"] == 0
 
 
-@_triton.autotune(_SPA_TILE_CONFIGS, key=["V", "H", "H_ref"], interpret=_INTERPRET_TILE)
+@_triton.autotune(_SPA_TILE_CONFIGS, key=["V", "H", "H_ref", "m_bucket", "aligned"],
+                  interpret=_INTERPRET_TILE,
+                  shared_memory=_triton.dot_tile_bytes("h_ptr", "w_ptr", "rh_ptr", "rw_ptr"))
 @triton.heuristics({"EVEN_K": _even_k})
-@triton.jit(do_not_specialize=["M", "slice_width"])
+@triton.jit(do_not_specialize=["M", "slice_width", "m_bucket", "aligned"])
 def _linear_spa_fwd_kernel(h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, labels_ptr, part_ptr, M, V, H, H_ref,
                            stride_hm, stride_hk, stride_wv, stride_wk, stride_rhm, stride_rhk, stride_rwv,
-                           stride_rwk, lam, slice_width, HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr,
+                           stride_rwk, lam, slice_width, m_bucket, aligned, HAS_BIAS: tl.constexpr,
+                           HAS_REF_BIAS: tl.constexpr,
                            DOT_F32: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """part [8, n_slices, M]: per vocabulary slice, (max, sum, label logit) of z, then (max, sum) of the
@@ -67,7 +72,7 @@ def _linear_spa_fwd_kernel(h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, labels_p
     for v in range(v_lo, v_hi, BLOCK_N):
         cols = v + tl.arange(0, BLOCK_N)
         col_ok = cols < v_hi
-        is_label = cols[None, :] == labels[:, None]
+        is_label = tl.arange(0, BLOCK_N)[None, :] == (labels - v).to(tl.int32)[:, None]  # int32: fewer registers
         z = logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, stride_hm, stride_hk, stride_wv,
                         stride_wk, HAS_BIAS, EVEN_K, DOT_F32, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         z = tl.where(col_ok[None, :], z, float("-inf"))
@@ -102,7 +107,8 @@ def linear_spa_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, l
     _linear_spa_fwd_kernel[grid](hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, part, M, V, H, H_ref,
                                  hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
                                  ref_hidden.stride(0), ref_hidden.stride(1), ref_weight.stride(0),
-                                 ref_weight.stride(1), lam, width, HAS_BIAS=bias is not None,
+                                 ref_weight.stride(1), lam, width, m_bucket(M),
+                                 aligned(hidden, weight, ref_hidden, ref_weight), HAS_BIAS=bias is not None,
                                  HAS_REF_BIAS=ref_bias is not None,
                                  **_kernel_flags(hidden, weight, bias, ref_hidden, ref_weight, ref_bias))
     lse, lse_ext, lse_ref = merge_lse(part[0], part[1]), merge_lse(part[3], part[4]), merge_lse(part[5], part[6])
@@ -111,27 +117,9 @@ def linear_spa_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, l
     return z_y - lse, lse, zr_y - lse_ref, ext_y - lse_ext
 
 
-class LinearSpaTokenLogprobsFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lam: float,
-                chunk_size: int | None):
-        token, lse, ref, ext = linear_spa_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lam)
-        ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        ctx.chunk_size = chunk_size
-        ctx.mark_non_differentiable(ref, ext)
-        return token, ref, ext
-
-    @staticmethod
-    def backward(ctx, grad_token, _grad_ref, _grad_ext):
-        hidden, weight, bias, labels, lse = ctx.saved_tensors
-        grads = linear_backward(grad_token, hidden, weight, bias, labels, lse, 1.0, ctx.chunk_size,
-                                ctx.needs_input_grad[:3])
-        return (*grads, None, None, None, None, None, None)
+def forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lam: float, chunk_size: int | None):
+    """The linear_spa_logprobs backend protocol's forward (chunk_size only shapes the backward)."""
+    return linear_spa_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lam)
 
 
-def linear_spa_token_logprobs(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lam: float,
-                              chunk_size: int | None):
-    """[M, H] hidden, [M, H_ref] ref_hidden, labels [M] in [0, V) -> (token_logps, ref_logps, extrapolated_logps),
-    each [M] float32; only token_logps carries a gradient (to hidden, weight, bias)."""
-    return LinearSpaTokenLogprobsFunction.apply(hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
-                                                labels.contiguous(), lam, chunk_size)
+backward = linear_backward  # linear_logprobs' Triton backward: only the policy log-probs carry a gradient

@@ -52,12 +52,12 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: 
     labels = check_logits_and_labels(logits, labels)
     temperature = check_temperature(temperature)
     inplace = use_inplace_backward(logits, inplace_backward)
-    name, _ = _dispatch.resolve("logprobs", impl, {"logits": logits, "labels": labels})
+    name, backend = _dispatch.resolve("logprobs", impl, {"logits": logits, "labels": labels})
     if name == "torch":
         return reference.token_logprobs(logits, labels, ignore_index, temperature)
     with label_check(label_check_for(validate)):
         return TokenLogprobsFunction.apply(vocab_contiguous(logits), labels, int(ignore_index), 1.0 / temperature,
-                                          inplace, name)
+                                          inplace, backend)
 
 
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100, average: bool = False,

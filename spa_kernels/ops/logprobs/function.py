@@ -1,6 +1,6 @@
-"""autograd.Function over a kernel backend's (forward, backward) pair for token log-probs.
+"""autograd.Function for token log-probs over the kernel backend the dispatcher resolved.
 
-A backend module (cpu.py, cuda.py, triton.py) provides
+A logprobs backend (cpu.py, cuda.py, triton.py beside this file) provides
     forward(logits [N,T,V], labels [N,T], ignore_index, inv_temperature) -> (token_logprobs [N,T], lse [N,T])
     backward(grad_token [N,T], logits, labels, lse, ignore_index, inv_temperature, grad_out=None) -> grad_logits
 Only [N, T] vectors are saved besides the logits (which autograd holds anyway); with inplace_backward the gradient
@@ -9,32 +9,25 @@ is written into the logits buffer, so the backward allocates nothing of size [N,
 
 from __future__ import annotations
 
-import importlib
-
 import torch
-
-
-def backend(op: str, impl: str):
-    return importlib.import_module(f"spa_kernels.ops.{op}.{impl}")
 
 
 class TokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, ignore_index: int, inv_temperature: float, inplace_backward: bool, impl: str):
-        kernels = backend("logprobs", impl)
-        token, lse = kernels.forward(logits, labels, ignore_index, inv_temperature)
+    def forward(ctx, logits, labels, ignore_index: int, inv_temperature: float, inplace_backward: bool, backend):
+        token, lse = backend.forward(logits, labels, ignore_index, inv_temperature)
         ctx.save_for_backward(logits, labels, lse)
-        ctx.args = (ignore_index, inv_temperature, inplace_backward, impl)
+        ctx.args = (ignore_index, inv_temperature, inplace_backward, backend)
         return token
 
     @staticmethod
     def backward(ctx, grad_token):
         logits, labels, lse = ctx.saved_tensors
-        ignore_index, inv_temperature, inplace_backward, impl = ctx.args
+        ignore_index, inv_temperature, inplace_backward, backend = ctx.args
         grad = None
         if ctx.needs_input_grad[0]:
-            grad = inplace_backward_grad(backend("logprobs", impl), grad_token, logits, labels, lse, ignore_index,
-                                         inv_temperature, inplace_backward)
+            grad = inplace_backward_grad(backend, grad_token, logits, labels, lse, ignore_index, inv_temperature,
+                                         inplace_backward)
         return grad, None, None, None, None, None
 
 

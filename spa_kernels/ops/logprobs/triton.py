@@ -67,10 +67,11 @@ def _logprobs_fwd_kernel(logits_ptr, labels_ptr, token_ptr, lse_ptr, bad_row_ptr
     for start in range(0, tl.where(active, V, 0), BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         ok = offs < V
-        x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32) * inv_temperature
+        x = _triton.scale(tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32), inv_temperature)
         m, s = online_lse_update(m, s, tl.where(ok, x, float("-inf")))
     lse = online_lse_finish(m, s)
-    z_label = tl.load(x_ptr + tl.where(active, label, 0), mask=active, other=0.0).to(tl.float32) * inv_temperature
+    z_label = _triton.scale(tl.load(x_ptr + tl.where(active, label, 0), mask=active, other=0.0).to(tl.float32),
+                            inv_temperature)
     tl.store(token_ptr + row, tl.where(active, z_label - lse, 0.0))
     tl.store(lse_ptr + row, tl.where(active, lse, 0.0))
 
@@ -92,7 +93,7 @@ def _logprobs_bwd_kernel(grad_token_ptr, logits_ptr, labels_ptr, lse_ptr, grad_p
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         ok = offs < V
-        x = tl.load(x_ptr + offs, mask=ok & active, other=0.0).to(tl.float32) * inv_temperature
+        x = _triton.scale(tl.load(x_ptr + offs, mask=ok & active, other=0.0).to(tl.float32), inv_temperature)
         p = tl.exp(x - lse)
         grad = tl.where(offs == label, coef * (1.0 - p), -coef * p)
         tl.store(out_ptr + offs, tl.where(active, grad, 0.0).to(grad_ptr.dtype.element_ty), mask=ok)

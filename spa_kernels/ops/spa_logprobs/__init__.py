@@ -42,10 +42,11 @@ def spa_sequence_logprobs(logits: torch.Tensor, ref_logits: torch.Tensor, labels
         raise ValueError(f"ref_logits is on {ref_logits.device} but logits is on {logits.device}")
     lam = check_finite(lam, "lam")
     inplace = use_inplace_backward(logits, inplace_backward)
-    name, _ = _dispatch.resolve("spa_logprobs", impl, {"logits": logits, "ref_logits": ref_logits, "labels": labels})
+    name, backend = _dispatch.resolve("spa_logprobs", impl,
+                                      {"logits": logits, "ref_logits": ref_logits, "labels": labels})
     if name == "torch":
         return reference.spa_sequence_logprobs(logits, ref_logits, labels, lam, ignore_index, average)
     with label_check(label_check_for(validate)):
         tokens = SpaTokenLogprobsFunction.apply(vocab_contiguous(logits), vocab_contiguous(ref_logits.detach()),
-                                                labels, int(ignore_index), lam, inplace, name)
+                                                labels, int(ignore_index), lam, inplace, backend)
     return tuple(reduce_sequence(t, labels, ignore_index, average) for t in tokens)

@@ -11,12 +11,6 @@ from ..._validation import check_label_flag, raise_deferred_label_errors
 from ..logprobs.cuda import backward  # noqa: F401 - the backward this op uses
 
 
-def supports(logits=None, ref_logits=None, **_):
-    if logits is not None and ref_logits is not None and logits.dtype != ref_logits.dtype:
-        return f"logits ({logits.dtype}) and ref_logits ({ref_logits.dtype}) must share a dtype"
-    return None
-
-
 @torch.library.custom_op("spa_kernels::spa_logprobs_forward_cuda", mutates_args=())
 def _forward(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
              lam: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

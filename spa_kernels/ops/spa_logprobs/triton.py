@@ -1,7 +1,8 @@
 """Triton kernel for the SPA triple log-probs (impl="triton"): one program per token row reads the policy and the
 reference logits once and keeps three per-lane online log-sum-exps (policy z, reference z_ref and the extrapolated
 (1 + lam) z - lam z_ref, which stays -inf where z is -inf). The backward is the log-prob backward of the policy
-logits (logprobs/triton.py) with temperature 1. Tuning as in logprobs/triton.py (forward autotuned on V)."""
+logits (logprobs/triton.py) with temperature 1. Tuning as in logprobs/triton.py (forward autotuned on V), without
+its widest block."""
 
 from __future__ import annotations
 
@@ -19,13 +20,18 @@ from ..logprobs.triton import (
 )
 
 
+# Three running (max, sum) pairs per lane: BLOCK_V = 8192 over 16 warps (16 elements per thread, six state arrays)
+# spills registers, so the SPA forward tries the log-prob forward's blocks up to 4096.
+_SPA_FWD_CONFIGS = [c for c in _FWD_CONFIGS if c.kwargs["BLOCK_V"] <= 4096]
+
+
 @triton.jit
 def _extrapolate(z, z_ref, lam):
     # a token the policy rules out stays ruled out, also where the reference rules it out too (padded vocabulary)
     return tl.where(z == float("-inf"), z, (1.0 + lam) * z - lam * z_ref)
 
 
-@_triton.autotune(_FWD_CONFIGS, key=["V"], interpret=triton.Config({"BLOCK_V": _INTERPRET_BLOCK_V}))
+@_triton.autotune(_SPA_FWD_CONFIGS, key=["V"], interpret=triton.Config({"BLOCK_V": _INTERPRET_BLOCK_V}))
 @triton.jit(do_not_specialize=["T", "ignore_index"])
 def _spa_logprobs_fwd_kernel(logits_ptr, ref_logits_ptr, labels_ptr, token_ptr, lse_ptr, ref_token_ptr,
                              ext_token_ptr, bad_row_ptr, T, V, stride_n, stride_t, ref_stride_n, ref_stride_t,
