@@ -35,6 +35,11 @@ class FusedLinearPreferenceLoss(nn.Module):
         ignore_index, temperature, softcap, impl, chunk_size: as in linear_sequence_logprobs (softcap: final-logit
             softcapping; not with lam).
 
+    On the CPU backend (impl "cpu", or "auto" on CPU tensors) with reduction "mean" or "sum" and a gradient to
+    compute, the loss's gradient is computed during the forward (function.fused_linear_pair_loss: each chunk of
+    whole pairs' logits is built once; peak extra memory is the gradients plus one chunk), and `losses` comes back
+    detached (the gradient flows through `loss`); a second backward through the same loss is not supported.
+
     forward(hidden [2B, T, H], weight [V, H], labels [2B, T], bias=None, *, ref_logps=None | [2B] | (chosen, rejected),
             ref_hidden=None, ref_weight=None, ref_bias=None, noisy=None, margin=None, lam=None,
             noise_threshold=None) -> PreferenceLossOutput (with chosen/rejected log-probs; for spa + lam also the
