@@ -2,9 +2,10 @@
 
 Timing: on a GPU, triton.testing.do_bench (median and 20/80% quantiles); on the CPU, the median of repeated
 wall-clock runs. Peak memory: torch.cuda.max_memory_allocated on a GPU; on the CPU the process's peak resident set
-(VmHWM, reset through /proc/self/clear_refs before each measurement; large tensors are mmap'd by glibc and go back
-to the OS when freed, so the peak tracks tensor allocations). "peak_extra" excludes the inputs that exist before
-the measured call.
+(VmHWM, reset through /proc/self/clear_refs before each measurement, after glibc's malloc_trim has handed freed
+heap pages back, so the peak tracks the tensors the measured call allocates). "peak_extra" excludes the inputs that
+exist before the measured call; run each variant in its own process (the benchmarks do so on the CPU) so that no
+earlier variant's heap is counted or reused.
 """
 
 from __future__ import annotations
@@ -67,7 +68,20 @@ def _status_kb(field: str) -> int:
         return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1)) * 1024
 
 
+def _release_free_heap() -> None:
+    """glibc's malloc_trim(0): hands the heap's free pages back to the OS, so the resident set before a measured
+    call holds no memory a previous call freed (glibc raises its mmap threshold after freeing large blocks, up to
+    32 MiB, so such blocks then come from the heap and would otherwise stay resident and be reused unseen)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _reset_cpu_peak() -> bool:
+    _release_free_heap()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -107,15 +121,18 @@ def measure(fn, device: torch.device, reps: int = 5, warmup: int = 1, reset=None
         base = _status_kb("VmRSS")
         fn()
         peak = _status_kb("VmHWM") - base
-    times = []
+    times, cpu_times = [], []
     for _ in range(reps):
         reset()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
+        cpu_times.append((time.process_time() - c0) * 1e3)
     times.sort()
     q = lambda p: times[min(len(times) - 1, int(p * len(times)))]
-    return {"ms": statistics.median(times), "ms_p20": q(0.2), "ms_p80": q(0.8), "peak_extra_mb": peak / 2**20}
+    # cpu_ms: the process's CPU time per call; on a machine shared with other jobs it moves less than the wall clock
+    return {"ms": statistics.median(times), "ms_p20": q(0.2), "ms_p80": q(0.8),
+            "cpu_ms": statistics.median(cpu_times), "peak_extra_mb": peak / 2**20}
 
 
 def add_common_args(p, variants: str = "comma-separated variant names to run") -> None:

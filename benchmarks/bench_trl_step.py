@@ -6,11 +6,15 @@ Llama: TRL's own DPOTrainer vs TRL + Liger (`use_liger_kernel=True`) vs the spa_
     python benchmarks/bench_trl_step.py --quick          # V=32000, a few hundred tokens: proves it runs
     python benchmarks/bench_trl_step.py --vocab 32000,128256 --pairs 4 --prompt 512 --completion 512
 
-Variants: "trl" (TRL 1.16's fused lm_head), "trl+liger" (TRL with use_liger_kernel=True: in TRL 1.16 this swaps
-in Liger's Triton RMSNorm / SwiGLU / RoPE but keeps TRL's own fused loss; needs a GPU), "spa" (the drop-in, with
-TRL's entropy / logits / token-accuracy metrics: one extra no-grad lm_head pass) and "spa-lean" (the drop-in with
-token_metrics=False). The sweep is over the vocabulary size (V >= 32000) at a fixed token count; the backbone is
-deliberately small so the lm_head + loss dominates. Writes benchmarks/results/bench_trl_step_<device>.csv (+ .png).
+Variants: "trl" (TRL 1.16's own DPOTrainer, which always runs its fused lm_head: `add_fused_lm_head`, i.e.
+trl.kernels.ChunkedLogProbFunction over vocabulary tiles, Triton on a GPU and torch ops on the CPU; the lm_head
+column confirms the patched forward was used), "trl+liger" (TRL with use_liger_kernel=True: in TRL 1.16 this swaps
+in Liger's Triton RMSNorm / SwiGLU / RoPE but keeps TRL's own fused loss, as Liger's fused linear cross-entropy would
+replace the forward TRL patches; needs a GPU, listed as n/a elsewhere), "spa" (the drop-in, with TRL's entropy /
+logits / token-accuracy metrics: one extra no-grad lm_head pass) and "spa-lean" (the drop-in with
+token_metrics=False). Every variant runs the same model (same seed) on the same batch. The sweep is over the
+vocabulary size (V >= 32000) at a fixed token count; the backbone is deliberately small so the lm_head + loss
+dominates. Writes benchmarks/results/bench_trl_step_<device>.csv (+ .png).
 """
 
 from __future__ import annotations
@@ -87,6 +91,9 @@ def run_variant(variant, vocab, opts, device):
         trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train's loop, which is not used here
         inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
         tokens = int(inputs["attention_mask"].sum())
+        forward = getattr(getattr(model.forward, "__func__", None), "__code__", None)
+        lm_head = ("spa drop-in" if variant.startswith("spa") else
+                   "trl fused" if forward is not None and forward.co_name == "_fused_forward" else "logits")
 
         def step():
             trainer.training_step(model, inputs)
@@ -95,7 +102,7 @@ def run_variant(variant, vocab, opts, device):
             model.zero_grad(set_to_none=True)
             trainer._metrics["train"].clear()
 
-        return {**_harness.measure(step, device, reps=opts.reps, reset=reset), "tokens": tokens}
+        return {**_harness.measure(step, device, reps=opts.reps, reset=reset), "tokens": tokens, "lm_head": lm_head}
 
 
 def run_isolated(variant, vocab, opts, device):
@@ -153,22 +160,26 @@ def main(argv=None):
                    "pairs": opts.pairs, "prompt": opts.prompt, "completion": opts.completion, "dtype": opts.dtype}
             reason = unavailable_reason(variant, device)
             if reason:
-                print(f"skip {variant} V={vocab}: {reason}")
+                row["note"] = f"n/a on {device.type}: {reason}"
+                rows.append(row)
+                print(f"{variant:10s} V={vocab:6d}  {row['note']}")
                 continue
             row.update((run_variant if opts.no_isolate else run_isolated)(variant, vocab, opts, device))
             rows.append(row)
             print(f"{variant:10s} V={vocab:6d}  {row['ms']:9.1f} ms  peak extra {row['peak_extra_mb']:8.1f} MiB",
                   flush=True)
-    for r in rows:  # ratios against TRL's own path at the same V
-        base = next((b for b in rows if b["variant"] == "trl" and b["V"] == r["V"]), None)
+    measured = [r for r in rows if "ms" in r]
+    for r in measured:  # ratios against TRL's own path at the same V
+        base = next((b for b in measured if b["variant"] == "trl" and b["V"] == r["V"]), None)
         r["time_vs_trl"] = r["ms"] / base["ms"] if base else float("nan")
         r["mem_vs_trl"] = r["peak_extra_mb"] / base["peak_extra_mb"] if base and base["peak_extra_mb"] else float("nan")
-    _harness.print_table(rows, ["variant", "V", "tokens", "ms", "time_vs_trl", "peak_extra_mb", "mem_vs_trl"],
+    _harness.print_table(rows, ["variant", "lm_head", "V", "tokens", "ms", "time_vs_trl", "peak_extra_mb",
+                                "mem_vs_trl", "note"],
                          title=f"TRL DPO step (H={opts.hidden}, {opts.layers} layers, {opts.dtype})")
     path = _harness.write_csv(rows, "bench_trl_step", device)
     print(f"wrote {path}")
-    if not opts.no_plot and rows:
-        print(f"wrote {plot(rows, device)}")
+    if not opts.no_plot and measured:
+        print(f"wrote {plot(measured, device)}")
     return rows
 
 

@@ -6,9 +6,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import _dispatch
+from ._validation import acc_dtype, check_label_range, check_temperature
 from .losses import LOSS_TYPES, PreferenceLossOutput, preference_loss, preference_margins
-from .ops.linear_logprobs import linear_sequence_logprobs
+from .ops.linear_logprobs import check_linear_inputs, check_softcap, linear_sequence_logprobs
+from .ops.linear_logprobs.pair_loss import fused_linear_pair_loss
 from .ops.linear_spa_logprobs import linear_spa_sequence_logprobs
+
+SPA_NEEDS_NOISY = "loss_type='spa' needs the noisy-pair mask (`noisy`) or lam with `noise_threshold`"
 
 
 def _split_pairs(t: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,6 +34,11 @@ class FusedLinearPreferenceLoss(nn.Module):
             a running percentile: spa.refine keeps it and passes it here, or passes `noisy` directly).
         ignore_index, temperature, softcap, impl, chunk_size: as in linear_sequence_logprobs (softcap: final-logit
             softcapping; not with lam).
+
+    On the CPU backend (impl "cpu", or "auto" on CPU tensors) with reduction "mean" or "sum" and a gradient to
+    compute, the loss's gradient is computed during the forward (ops/linear_logprobs/pair_loss.py: each chunk of
+    whole pairs' logits is built once; peak extra memory is the gradients plus one chunk), and `losses` comes back
+    detached (the gradient flows through `loss`); a second backward through the same loss is not supported.
 
     forward(hidden [2B, T, H], weight [V, H], labels [2B, T], bias=None, *, ref_logps=None | [2B] | (chosen, rejected),
             ref_hidden=None, ref_weight=None, ref_bias=None, noisy=None, margin=None, lam=None,
@@ -51,6 +61,88 @@ class FusedLinearPreferenceLoss(nn.Module):
         self.average_log_prob = loss_type in ("ipo", "simpo") if average_log_prob is None else average_log_prob
         self.refine_alpha, self.simpo_gamma, self.reduction = refine_alpha, simpo_gamma, reduction
         self.lam, self.noise_threshold, self.impl, self.chunk_size = lam, noise_threshold, impl, chunk_size
+
+    @staticmethod
+    def _reference_pairs(ref, ref_logps, rows: int, needs_ref: bool):
+        """(ref_chosen, ref_rejected) from the reference pass or the ref_logps argument; (None, None) if unused."""
+        if ref is not None:
+            return _split_pairs(ref, "hidden")
+        if ref_logps is None or not needs_ref:
+            return None, None
+        if isinstance(ref_logps, (tuple, list)):
+            return tuple(ref_logps)
+        if ref_logps.shape != (rows,):
+            raise ValueError(f"ref_logps must be [{rows}] (chosen then rejected), got {list(ref_logps.shape)}")
+        return _split_pairs(ref_logps, "ref_logps")
+
+    def _fused_pair_loss(self, hidden, weight, labels, bias, ref_c, ref_r, margin, noisy):
+        """The loss with its gradient computed in the forward, pairs batched into chunks of logits (no logits
+        rebuilt in the backward, nothing saved): for the chunked CPU backend, a scalar loss (reduction mean or sum),
+        and a forward that needs a gradient. None where it does not apply (the log-probs path then runs).
+        `losses` is then detached: the gradient flows through `loss` only."""
+        if self.reduction not in ("mean", "sum") or not torch.is_grad_enabled():
+            return None
+        if not any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
+            return None
+        if any(t is not None and t.requires_grad for t in (ref_c, ref_r, margin)):
+            return None  # a gradient to these too: the log-probs path gives it
+        labels = check_linear_inputs(hidden, weight, labels, bias)
+        inv_temperature = 1.0 / check_temperature(self.temperature)
+        softcap = check_softcap(self.softcap)
+        if self.chunk_size is not None and int(self.chunk_size) < 1:
+            raise ValueError(f"chunk_size must be a positive number of tokens, got {self.chunk_size}")
+        name, _ = _dispatch.resolve("linear_logprobs", self.impl,
+                                    {"hidden": hidden, "weight": weight, "bias": bias, "labels": labels})
+        if name != "cpu":
+            return None
+        _split_pairs(hidden, "hidden")
+        check_label_range(labels, weight.shape[0], self.ignore_index)
+        N, T, H = hidden.shape
+        B, dev = N // 2, hidden.device
+        loss_args = dict(beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
+                         refine_alpha=self.refine_alpha, simpo_gamma=self.simpo_gamma)
+        # Every argument checked at the full batch size before the expensive pass (pair batches see slices).
+        zeros = hidden.new_zeros(B, dtype=acc_dtype(hidden.dtype))
+        preference_loss(zeros, zeros, None if ref_c is None else zeros, None if ref_r is None else zeros,
+                        margin=margin, noisy=noisy, **loss_args)
+        for name_, ref in (("ref chosen log-probs", ref_c), ("ref rejected log-probs", ref_r)):
+            if ref is not None and tuple(ref.shape) != (B,):
+                raise ValueError(f"{name_} must be [{B}], got {list(ref.shape)}")
+
+        order = torch.arange(N, device=dev).view(2, B).t().reshape(-1)  # pair order: chosen 0, rejected 0, ...
+        pair_labels = labels.index_select(0, order)
+        scored = pair_labels != self.ignore_index
+        counts = scored.sum(1)
+        if int(counts.sum()) == 0:
+            return None
+        rows = (order.unsqueeze(1) * T + torch.arange(T, device=dev)).masked_select(scored)
+        seq_offsets = [0, *counts.cumsum(0).tolist()]
+        denom = counts.clamp(min=1) if self.average_log_prob else None
+        scale = 1.0 / B if self.reduction == "mean" else 1.0
+        pick = lambda t, sl: None if t is None else t[sl]
+
+        def pair_loss(p0, sums):
+            sl = slice(p0, p0 + sums.shape[0] // 2)
+            with torch.enable_grad():
+                x = sums.detach().requires_grad_()
+                logps = x if denom is None else x / denom[2 * sl.start:2 * sl.stop].to(x.dtype)
+                out = preference_loss(logps[0::2], logps[1::2], pick(ref_c, sl), pick(ref_r, sl),
+                                      margin=pick(margin, sl), noisy=pick(noisy, sl), reduction="sum", **loss_args)
+                loss = out.loss * scale
+                (grad,) = torch.autograd.grad(loss, x)
+            return loss.detach(), grad
+
+        loss, sums = fused_linear_pair_loss(hidden.reshape(N * T, H), weight, bias, pair_labels.masked_select(scored),
+                                            rows, seq_offsets, pair_loss, inv_temperature, self.chunk_size, name,
+                                            softcap)
+        logps = sums if denom is None else sums / denom.to(sums.dtype)
+        chosen, rejected = logps[0::2], logps[1::2]
+        out = preference_loss(chosen, rejected, ref_c, ref_r, margin=margin, noisy=noisy,
+                              reduction=self.reduction, **loss_args)
+        return PreferenceLossOutput(loss=loss.to(out.loss.dtype), losses=out.losses.detach(),
+                                    chosen_rewards=out.chosen_rewards, rejected_rewards=out.rejected_rewards,
+                                    chosen_logps=chosen.detach(), rejected_logps=rejected.detach(),
+                                    noisy=out.noisy)
 
     def extra_repr(self) -> str:
         return (f"beta={self.beta}, loss_type={self.loss_type!r}, average_log_prob={self.average_log_prob}, "
@@ -84,36 +176,29 @@ class FusedLinearPreferenceLoss(nn.Module):
                                                            bias=bias, ref_bias=ref_bias, **common)
             ext_c, ext_r = _split_pairs(ext, "hidden")
         else:
-            logps = linear_sequence_logprobs(hidden, weight, labels, bias=bias, temperature=self.temperature,
-                                             softcap=self.softcap, **common)
             ref = None
-            if needs_ref and ref_hidden is not None:
+            if needs_ref and ref_hidden is not None:  # first: its chunk of logits is freed before the policy's pass
                 with torch.no_grad():
                     ref = linear_sequence_logprobs(ref_hidden, ref_weight, labels, bias=ref_bias,
                                                    temperature=self.temperature, softcap=self.softcap, **common)
+            ref_c, ref_r = self._reference_pairs(ref, ref_logps, hidden.shape[0], needs_ref)
+            if self.loss_type == "spa" and noisy is None:
+                raise ValueError(SPA_NEEDS_NOISY)
+            fused = self._fused_pair_loss(hidden, weight, labels, bias, ref_c, ref_r, margin, noisy)
+            if fused is not None:
+                return fused
+            logps = linear_sequence_logprobs(hidden, weight, labels, bias=bias, temperature=self.temperature,
+                                             softcap=self.softcap, **common)
         chosen, rejected = _split_pairs(logps, "hidden")
-
-        if ref is not None:
-            ref_c, ref_r = _split_pairs(ref, "hidden")
-        elif ref_logps is not None and needs_ref:
-            if isinstance(ref_logps, (tuple, list)):
-                ref_c, ref_r = ref_logps
-            else:
-                if ref_logps.shape != logps.shape:
-                    raise ValueError(f"ref_logps must be [{logps.shape[0]}] (chosen then rejected), got "
-                                     f"{list(ref_logps.shape)}")
-                ref_c, ref_r = _split_pairs(ref_logps, "ref_logps")
-        else:
-            ref_c = ref_r = None
-
         if lam is not None:
+            ref_c, ref_r = self._reference_pairs(ref, ref_logps, logps.shape[0], needs_ref)
             extrapolated = preference_margins(ext_c, ext_r, ref_c, ref_r, self.beta)
             if noisy is None:
                 if noise_threshold is None:
                     raise ValueError("loss_type='spa' with lam needs `noisy` or `noise_threshold`")
                 noisy = extrapolated <= noise_threshold
         if self.loss_type == "spa" and noisy is None:
-            raise ValueError("loss_type='spa' needs the noisy-pair mask (`noisy`) or lam with `noise_threshold`")
+            raise ValueError(SPA_NEEDS_NOISY)
 
         out = preference_loss(chosen, rejected, ref_c, ref_r, beta=self.beta, loss_type=self.loss_type,
                               label_smoothing=self.label_smoothing, margin=margin,

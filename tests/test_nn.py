@@ -110,3 +110,73 @@ def test_errors():
         sk.FusedLinearPreferenceLoss()(hidden[:5], weight, labels[:5], ref_logps=torch.zeros(5))
     with pytest.raises(ValueError, match=r"ref_logps must be \[6\]"):
         sk.FusedLinearPreferenceLoss()(hidden, weight, labels, ref_logps=torch.zeros(4))
+
+
+def fused_oracle(hidden, weight, bias, labels, ref_logps, temperature=1.0, softcap=None, average=False, beta=0.2,
+                 loss_type="sigmoid", reduction="mean"):
+    """The loss and its input gradients through float64 logits -> (softcapped) log-softmax -> preference_loss."""
+    h, w = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    b = None if bias is None else bias.double().requires_grad_()
+    z = h @ w.t() + (0 if b is None else b)
+    z = z / temperature
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    lp = seq_reduce(oracle_token_logprobs(z, labels), labels, average=average)
+    B = hidden.shape[0] // 2
+    out = sk.preference_loss(lp[:B], lp[B:], ref_logps[:B].double(), ref_logps[B:].double(), beta=beta,
+                             loss_type=loss_type, reduction=reduction)
+    out.loss.backward()
+    return out.loss, h.grad, w.grad, None if b is None else b.grad
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 3, 7, 10_000])
+@pytest.mark.parametrize("case", ["plain", "bias+temperature+softcap+average", "sum+grad_scale"])
+def test_fused_pair_loss_independent_of_chunk_size(chunk_size, case):
+    """impl="cpu" with a scalar loss computes the gradient inside the forward, pairs batched into chunks (a pair
+    longer than a chunk in sub-chunks): the result must not depend on how the tokens are chunked."""
+    if "cpu" not in sk.available_impls():
+        pytest.skip("cpu unavailable")
+    hidden, weight, _, _, labels = setup(B=4, T=9, H=12, V=57, seed=1)
+    labels[6] = -100  # the rejected of pair 2 has no scored token
+    labels[3, 5:] = -100  # chosen sequences of different lengths
+    g = torch.Generator().manual_seed(5)
+    ref_logps = -20 * torch.rand(8, generator=g)
+    bias = 0.3 * torch.randn(weight.shape[0], generator=g) if case.startswith("bias") else None
+    kw = dict(temperature=0.7, softcap=2.5, average=True, loss_type="ipo") if case.startswith("bias") else {}
+    reduction = "sum" if case.startswith("sum") else "mean"
+    grad_scale = 3.0 if case.startswith("sum") else 1.0
+    loss_fn = sk.FusedLinearPreferenceLoss(beta=0.2, impl="cpu", chunk_size=chunk_size, reduction=reduction,
+                                           temperature=kw.get("temperature", 1.0), softcap=kw.get("softcap"),
+                                           loss_type=kw.get("loss_type", "sigmoid"))
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    b = None if bias is None else bias.clone().requires_grad_()
+    w.grad = torch.ones_like(w)  # an existing .grad is accumulated into, as autograd does
+    out = loss_fn(h, w, labels, b, ref_logps=ref_logps)
+    assert type(out.loss.grad_fn).__name__.startswith("FusedLinearPairLossFunction")
+    (grad_scale * out.loss).backward()
+
+    loss, gh, gw, gb = fused_oracle(hidden, weight, bias, labels, ref_logps, reduction=reduction, beta=0.2, **kw)
+    torch.testing.assert_close(out.loss.double(), loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h.grad.double(), grad_scale * gh, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w.grad.double(), 1 + grad_scale * gw, rtol=1e-4, atol=1e-6)
+    if b is not None:
+        torch.testing.assert_close(b.grad.double(), grad_scale * gb, rtol=1e-4, atol=1e-6)
+    assert out.losses.shape == (4,) and out.chosen_logps.shape == (4,)
+
+
+def test_fused_pair_loss_only_where_it_applies():
+    """No gradient needed, reduction="none", or a reference that itself needs a gradient: the log-probs path."""
+    hidden, weight, ref_hidden, ref_weight, labels = setup()
+    h = hidden.clone().requires_grad_()
+    ref = sk.linear_sequence_logprobs(ref_hidden, ref_weight, labels)
+    name = lambda out: type(out.loss.grad_fn).__name__
+    assert name(sk.FusedLinearPreferenceLoss(impl="cpu")(h, weight, labels, ref_logps=ref)).startswith("Fused")
+    assert sk.FusedLinearPreferenceLoss(impl="cpu")(hidden, weight, labels, ref_logps=ref).loss.grad_fn is None
+    out = sk.FusedLinearPreferenceLoss(impl="cpu", reduction="none")(h, weight, labels, ref_logps=ref)
+    assert out.loss.shape == (3,) and not name(out).startswith("Fused")
+    out = sk.FusedLinearPreferenceLoss(impl="cpu")(h, weight, labels, ref_logps=ref.clone().requires_grad_())
+    assert not name(out).startswith("Fused")
+    with pytest.raises(RuntimeError, match="handed over already"):
+        out = sk.FusedLinearPreferenceLoss(impl="cpu")(h, weight, labels, ref_logps=ref)
+        out.loss.backward(retain_graph=True)
+        out.loss.backward()

@@ -139,3 +139,44 @@ def test_gradcheck_float64(impl):
     y = torch.tensor([[1, -100, 6], [0, 2, 3]])
     fn = lambda h, w, b: sk.linear_sequence_logprobs(h, w, y, bias=b, impl=impl, chunk_size=2, temperature=1.3)
     assert torch.autograd.gradcheck(fn, (h, w, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("vocab", [1, 1000, 32000, 128256, 262144, 2**24])
+def test_cpu_chunk_within_its_byte_budget(vocab, dtype):
+    """The CPU chunk of logits never exceeds CPU_CHUNK_BYTES (unless one token's row alone does), is a multiple of
+    128 tokens when it holds 128 or more, and never exceeds the token count."""
+    from spa_kernels.ops.linear_logprobs import chunked as fn
+    from spa_kernels.ops.linear_logprobs import pair_loss
+
+    cpu = torch.device("cpu")
+    row = vocab * torch.empty((), dtype=dtype).element_size()
+    chunk = fn.chunk_size_for(10**7, vocab, dtype, cpu)
+    assert chunk * row <= max(fn.CPU_CHUNK_BYTES, row)
+    assert chunk < 128 or chunk % 128 == 0
+    assert fn.chunk_size_for(5, vocab, dtype, cpu) == min(5, chunk)
+    # fused pair loss: a whole pair when its logits fit PAIR_CHUNK_BYTES, else the usual chunk
+    for lengths in ([300, 500, 40, 40], [5000, 6000], [1, 1]):
+        offsets = [0]
+        for n in lengths:
+            offsets.append(offsets[-1] + n)
+        pair = pair_loss.pair_chunk_size(offsets, vocab, dtype, cpu)
+        longest = max(lengths[i] + lengths[i + 1] for i in range(0, len(lengths), 2))
+        assert pair * row <= max(pair_loss.PAIR_CHUNK_BYTES, row)
+        assert pair == (longest if chunk < longest <= pair_loss.PAIR_CHUNK_BYTES // row else
+                        fn.chunk_size_for(offsets[-1], vocab, dtype, cpu))
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 8, 13, 100])
+def test_pair_batches_cover_every_pair_within_the_chunk(chunk):
+    from spa_kernels.ops.linear_logprobs.pair_loss import pair_batches
+
+    lengths = [3, 4, 0, 0, 7, 6, 1, 0, 2, 2, 9, 9]
+    offsets = [0]
+    for n in lengths:
+        offsets.append(offsets[-1] + n)
+    batches = pair_batches(offsets, chunk)
+    assert [p for a, b in batches for p in range(a, b)] == list(range(len(lengths) // 2))
+    for a, b in batches:
+        assert b - a == 1 or offsets[2 * b] - offsets[2 * a] <= chunk
+    assert pair_batches([0], chunk) == []
