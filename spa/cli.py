@@ -7,6 +7,8 @@
     spa eval CONFIG.yaml (--iteration I | --sft)
     spa config [CONFIG.yaml] [--explain]                     print the resolved config (defaults + file + --set);
                                                              --explain: every key's type, default and meaning
+    spa merge RUN_DIR --out DIR [--iteration I]              a LoRA run's adapter (model.peft) merged into pi_init:
+                                                             one full model folder (default: the returned model)
     spa --version
 
 Only argument parsing happens before a command runs: torch and transformers are imported by the commands that
@@ -115,6 +117,12 @@ def _parser() -> argparse.ArgumentParser:
     sp = with_config("config", "print the resolved config", config_required=False)
     sp.add_argument("--explain", action="store_true",
                     help="list every key (section.key) with its type, default and meaning")
+    sp = sub.add_parser("merge", help="a model.peft run's adapter merged into pi_init's weights (peft's "
+                                      "merge_and_unload), saved as one full model folder with the tokenizer")
+    sp.add_argument("run_dir", help="the run's output_dir (holds config.yaml)")
+    sp.add_argument("--iteration", type=int, help="which iteration's adapter (default: the model the run returns, "
+                                                  "selected.json)")
+    sp.add_argument("--out", required=True, help="folder to write the merged model to")
     sp = sub.add_parser("demo", help="the built-in offline task end to end (3 seeds; --quick: 1 seed, shorter)")
     sp.add_argument("--quick", action="store_true", help="one seed, two SPA iterations (a few minutes on a CPU)")
     sp.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default: 0 1 2, or 0 with --quick)")
@@ -126,6 +134,31 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override a value of the demo config")
     return p
+
+
+def merge_run(run_dir: str, iteration: int | None, out: str) -> str:
+    """`spa merge`: iteration's adapter of the run in run_dir (default: the selected one) merged into pi_init and
+    saved to out; returns out."""
+    import json
+
+    from .io import Layout, read_json
+    from .lora import is_adapter, merge_adapter
+
+    lay = Layout(run_dir)
+    if not os.path.exists(lay.config):
+        raise ConfigError(f"{run_dir} is not a spa run directory: {lay.config} does not exist")
+    cfg = Config.load(lay.config, [f"output_dir={json.dumps(run_dir)}"])
+    if iteration is None:
+        if not os.path.exists(lay.selected):
+            raise ConfigError(f"{lay.selected} does not exist (the run has not selected a model yet): pass --iteration")
+        iteration = read_json(lay.selected)["iteration"]
+    path = lay.model(iteration)
+    if not os.path.isdir(path):
+        raise ConfigError(f"{path} does not exist: iteration {iteration} of this run has not been trained")
+    if not is_adapter(path):
+        raise ConfigError(f"{path} is a full model already (the run has no model.peft): nothing to merge")
+    logger.info("merging %s into %s", path, out)
+    return merge_adapter(cfg, path, out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
 
             run_demo(quick=args.quick, seeds=args.seeds, folder=args.dir, overrides=args.overrides, task=args.task,
                      paper_judge=args.paper_judge)
+            return 0
+        if args.command == "merge":
+            print(merge_run(args.run_dir, args.iteration, args.out))
             return 0
         cfg = Config.load(args.config, args.overrides) if args.config else Config.from_dict({}, args.overrides)
         if args.command == "run":

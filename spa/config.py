@@ -49,6 +49,15 @@ class ModelConfig:
     device: str = _f("auto", "'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
     attn_implementation: str | None = _f(None, "passed to from_pretrained (e.g. 'sdpa', 'flash_attention_2')")
     trust_remote_code: bool = _f(False, "passed to from_pretrained")
+    peft: dict[str, Any] | None = _f(None, "LoRA instead of full fine-tuning in the DPO stages: peft.LoraConfig "
+                                           "fields, e.g. {r: 16, lora_alpha: 32, lora_dropout: 0.05, "
+                                           "target_modules: [q_proj, k_proj, v_proj, o_proj]} ({}: peft's "
+                                           "defaults for the model type; null: full fine-tuning). Every iteration's "
+                                           "model is then an adapter on pi_init's weights (iteration i continues "
+                                           "iteration i-1's adapter); pi_init and pi_{i-1} are the same weights "
+                                           "with the adapter disabled or an earlier adapter loaded, not extra "
+                                           "copies; `spa merge` writes a full model. task_type is CAUSAL_LM; "
+                                           "lm_head cannot be a target; the sft stage stays full-weight")
 
 
 @dataclass
@@ -477,8 +486,47 @@ def _is_function_spec(spec) -> bool:
     return isinstance(spec, str) and spec.count(":") == 1 and all(spec.split(":"))
 
 
+def _validate_peft(section: dict[str, Any]) -> None:
+    """model.peft: keys are peft.LoraConfig fields with sensible values, and LoraConfig accepts them (peft is
+    imported only when the section is set)."""
+    key = "model.peft"
+    for name in section:
+        _check(isinstance(name, str), key, f"keys must be LoraConfig field names, got {name!r}")
+    r, alpha, dropout = section.get("r", 8), section.get("lora_alpha", 8), section.get("lora_dropout", 0.0)
+    _check(isinstance(r, int) and not isinstance(r, bool) and r >= 1, f"{key}.r", f"must be an integer >= 1, got {r!r}")
+    _check(isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha > 0, f"{key}.lora_alpha",
+           f"must be a number > 0, got {alpha!r}")
+    _check(isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0 <= dropout < 1,
+           f"{key}.lora_dropout", f"must be a number in [0, 1), got {dropout!r}")
+    for name in ("target_modules", "modules_to_save"):
+        value = section.get(name)
+        if value is None:
+            continue
+        names = [value] if isinstance(value, str) else value
+        _check(isinstance(names, list) and bool(names) and all(isinstance(m, str) and m for m in names),
+               f"{key}.{name}", f"must be a module name or a non-empty list of module names, got {value!r}")
+        _check("lm_head" not in names, f"{key}.{name}", "must not name lm_head: the fused log-prob head reads "
+               "lm_head.weight directly and would never train an adapter or copy there")
+    task = section.get("task_type", "CAUSAL_LM")
+    _check(str(task) == "CAUSAL_LM", f"{key}.task_type",
+           f"must be CAUSAL_LM (the loop trains causal LMs), got {task!r}")
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise ConfigError(f"{key} needs the peft package: pip install peft") from None
+    fields = {f.name for f in dataclasses.fields(LoraConfig)}
+    for name in section:
+        _check(name in fields, f"{key}.{name}", f"is not a peft.LoraConfig field{_suggest(name, fields)}")
+    try:
+        LoraConfig(**{**section, "task_type": "CAUSAL_LM"})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{key}: peft.LoraConfig refuses these settings: {e}") from None
+
+
 def _validate(c: Config) -> None:
     _check(bool(c.output_dir), "output_dir", "must not be empty")
+    if c.model.peft is not None:
+        _validate_peft(c.model.peft)
     _check(c.sft.epochs > 0 or c.sft.max_steps > 0, "sft.epochs", "must be > 0 (or set sft.max_steps)")
     _check(c.sft.batch_size >= 1, "sft.batch_size", "must be >= 1")
     _check(c.sft.learning_rate > 0, "sft.learning_rate", "must be > 0")

@@ -21,7 +21,8 @@ from . import data as data_mod
 from .generate import generate_responses
 from .io import Layout, atomic_write_json, atomic_write_jsonl, read_json, read_jsonl, remove_partial, sharded
 from .judges import ImplicitRewardJudge, init_model_path
-from .modeling import kernel_impl, load_causal_lm, load_tokenizer, resolve_device
+from .lora import reference_model
+from .modeling import kernel_impl, load_model, load_tokenizer, resolve_device
 from .oracle import load_oracle, pairwise_win
 from .validation import model_label
 
@@ -52,7 +53,7 @@ def run_eval(cfg, iteration: int | None) -> str:
     device = resolve_device(cfg.model.device)
     tok = load_tokenizer(path, cfg.model.trust_remote_code)
     enc = data_mod.PromptEncoder(tok, cfg.data.max_prompt_length, cfg.data.long_prompts, cfg.data.chat_template)
-    model = load_causal_lm(path, cfg.model, device)
+    model = load_model(path, cfg, device)
     oracle = load_oracle(e.oracle) if e.oracle else None
     result: dict = {"model": path}
 
@@ -95,7 +96,7 @@ def run_eval(cfg, iteration: int | None) -> str:
     if e.pairs and iteration is not None:
         pairs, _ = data_mod.load_pairs(e.pairs, e.pairs_split, cfg.data.skip_invalid)
         pairs = pairs[:e.max_prompts] if e.max_prompts else pairs
-        reference = load_causal_lm(init_model_path(cfg), cfg.model, device)
+        reference = reference_model(cfg, model, init_model_path(cfg), device)
         judge = ImplicitRewardJudge(model, reference, enc, cfg.judge.beta, cfg.judge.batch_size,
                                     kernel_impl(cfg))
         kept = [p for p in pairs if enc.encode(p["prompt"]) is not None]

@@ -14,7 +14,7 @@ import torch
 
 from . import data as data_mod
 from .io import Layout, atomic_write_json, atomic_write_jsonl, remove_partial, seed_everything, sharded
-from .modeling import load_causal_lm, load_tokenizer, resolve_device
+from .modeling import load_model, load_tokenizer, resolve_device
 
 logger = logging.getLogger("spa")
 
@@ -86,7 +86,7 @@ def run_generate(cfg, iteration: int) -> str:
         ids = enc.encode(p["prompt"])
         if ids is not None:
             items.append({**p, "ids": ids})
-    model = load_causal_lm(policy_path, cfg.model, resolve_device(cfg.model.device))
+    model = load_model(policy_path, cfg, resolve_device(cfg.model.device), merge=True)
     totals = {"new_tokens": 0, "seconds": 0.0, "shards_computed": 0}
 
     def work(shard: int, chunk: list[dict]) -> list[dict]:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from . import data as data_mod
 from .io import Layout, atomic_write_json, atomic_write_jsonl, read_jsonl, remove_partial, sharded
 from .judges import ImplicitRewardJudge, build_judge, flatten_responses, judge_rows
-from .modeling import kernel_impl, load_causal_lm, resolve_device, score_sequences
+from .modeling import kernel_impl, load_model, resolve_device, score_sequences
 from .oracle import load_oracle, pairwise_win
 from .select import NEEDS_EMBEDDINGS, select_pair
 from .validation import judge_validation, validation_rows, warn_if_length_decides, warn_if_uninformative
@@ -43,7 +43,7 @@ def run_judge(cfg, iteration: int) -> str:
     need_emb = strategy in NEEDS_EMBEDDINGS
     embedder = None
     if need_emb and not isinstance(judge, ImplicitRewardJudge):
-        embedder = load_causal_lm(lay.model(iteration - 1), cfg.model, resolve_device(cfg.model.device))
+        embedder = load_model(lay.model(iteration - 1), cfg, resolve_device(cfg.model.device))
     t0 = time.perf_counter()
 
     def work(shard: int, rows: list[dict]) -> list[dict]:

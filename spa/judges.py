@@ -28,7 +28,8 @@ import torch
 
 from . import data as data_mod
 from .io import Layout
-from .modeling import kernel_impl, load_causal_lm, load_tokenizer, resolve_device, score_sequences
+from .lora import reference_model
+from .modeling import kernel_impl, load_model, load_tokenizer, resolve_device, score_sequences
 from .oracle import load_oracle
 
 logger = logging.getLogger("spa")
@@ -249,7 +250,8 @@ def judge_rows(judge, rows: list[dict], enc: data_mod.PromptEncoder, jcfg, embed
 
 def build_judge(cfg, iteration: int):
     """The configured judge for iteration i (>= 1): its policy is pi_{i-1}; the implicit judge's reference is pi_init
-    (or, per judge.reference, pi_{i-2} or none)."""
+    (or, per judge.reference, pi_{i-2} or none); with model.peft the reference is a view of the policy's weights
+    (spa.lora.reference_model)."""
     lay = Layout(cfg.output_dir)
     device = resolve_device(cfg.model.device)
     j = cfg.judge
@@ -258,19 +260,19 @@ def build_judge(cfg, iteration: int):
     enc = data_mod.PromptEncoder(tok, cfg.data.max_prompt_length, cfg.data.long_prompts, cfg.data.chat_template)
     impl = kernel_impl(cfg)
     if j.type == "implicit":
-        policy = load_causal_lm(policy_path, cfg.model, device)
-        reference = None if j.reference == "none" else load_causal_lm(judge_reference_path(cfg, iteration),
-                                                                      cfg.model, device)
+        policy = load_model(policy_path, cfg, device)
+        reference = None if j.reference == "none" else reference_model(cfg, policy,
+                                                                       judge_reference_path(cfg, iteration), device)
         return ImplicitRewardJudge(policy, reference, enc, j.beta, j.batch_size, impl, j.reference_weight,
                                    j.token_average), enc
     if j.type == "contrastive":
-        policy = load_causal_lm(policy_path, cfg.model, device)
+        policy = load_model(policy_path, cfg, device)
         return ContrastivePromptJudge(policy, enc, j.positive_prompt, j.negative_prompt, j.batch_size, impl), enc
     if j.type == "function":
         return FunctionJudge(load_oracle(j.function, "judge.function")), enc
     if j.type == "reward_model":
         return RewardModelJudge(j.model, device, j.batch_size, cfg.model.trust_remote_code), enc
-    model = load_causal_lm(j.model or policy_path, cfg.model, device)
+    model = load_model(j.model or policy_path, cfg, device)
     judge_enc = enc if not j.model else data_mod.PromptEncoder(
         load_tokenizer(j.model, cfg.model.trust_remote_code), 10 ** 9)  # the judge model's own template
     return LLMJudge(model, judge_enc, j.llm_template, j.llm_choices, j.batch_size, impl), enc

@@ -49,6 +49,27 @@ def load_causal_lm(path: str, mcfg, device: torch.device | None = None, train: b
     return model
 
 
+def load_model(path: str, cfg, device: torch.device | None = None, merge: bool = False):
+    """A model of the run, for inference: a full save_pretrained folder (load_causal_lm), or a LoRA adapter folder
+    (model.peft runs: iter_<i>/model/) applied to pi_init's weights as a peft.PeftModel, or with merge=True merged
+    into them (a plain model, faster to sample from)."""
+    from .lora import is_adapter
+
+    if not is_adapter(path):
+        return load_causal_lm(path, cfg.model, device)
+    from peft import PeftModel
+
+    from .judges import init_model_path
+
+    base = load_causal_lm(init_model_path(cfg), cfg.model, device)
+    model = PeftModel.from_pretrained(base, path, is_trainable=False)
+    if merge:
+        return model.merge_and_unload().eval()
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
 def pad_sequences(items: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict[str, torch.Tensor]:
     """Right-padded input_ids / attention_mask, labels aligned with input_ids (the response tokens, IGNORE on the
     prompt and the padding; shifted inside the model as for its own loss) and response_mask marking the response

@@ -11,9 +11,12 @@ per step (no_grad).
   iteration 0      DPO (sigmoid) on the seed, from pi_init with reference pi_init, train.seed_epochs epochs
   iteration i >= 1 train.iteration_loss on iter_<i>/pairs.jsonl, from pi_{i-1} with reference pi_{i-1}: "spa" is
                    the self-refined loss (spa.refine) when refine.enabled, lam = refine.lam[i-1] when refine.dnd
-Writes output_dir/iter_<i>/model/ (save_pretrained, with the tokenizer), iter_<i>/train_metrics.json and
-iter_<i>/train_log.jsonl (the Trainer's log history). Checkpoints go to output_dir/.partial/iter_<i>/train/; a rerun
-resumes from the last complete one (resume_from_checkpoint is passed through to Trainer.train).
+With model.peft the policy is a LoRA adapter on pi_init's weights and every reference a view of the same weights
+(adapter disabled, or the previous adapter frozen): spa.lora.
+Writes output_dir/iter_<i>/model/ (save_pretrained, with the tokenizer; with model.peft the adapter),
+iter_<i>/train_metrics.json and iter_<i>/train_log.jsonl (the Trainer's log history). Checkpoints go to
+output_dir/.partial/iter_<i>/train/; a rerun resumes from the last complete one (resume_from_checkpoint is passed
+through to Trainer.train).
 
 sft: supervised fine-tuning on demonstrations (loss on response tokens only), from model.name_or_path or, with
 sft.from_scratch, a freshly initialised model (how the demo's tiny Llama is made). Writes output_dir/sft/model/.
@@ -47,6 +50,7 @@ from spa_kernels.integrations.hf import (
 )
 
 from . import data as data_mod
+from . import lora
 from .io import (
     Layout,
     atomic_dir,
@@ -364,6 +368,7 @@ def _training_args(out_dir: str, cfg, *, batch_size: int, per_device: int | None
 
 def _finish(trainer, tok, final: str, partial: str, metrics: dict, metrics_path: str, log_path: str) -> str:
     trainer.check_weights()  # nothing non-finite is ever committed
+    lora.drop_reference_adapter(trainer.model)  # a LoRA run saves the trained adapter alone
     tmp = atomic_dir(final)
     trainer.save_model(tmp)
     tok.save_pretrained(tmp)
@@ -425,7 +430,12 @@ def run_train(cfg, iteration: int) -> str:
         raise ValueError(f"train {name}: dlma needs judge scores (score_chosen / score_rejected) in the pairs")
 
     seed_everything(cfg.seed, "train", iteration)
-    ref_model = load_causal_lm(ref_path, cfg.model, device)
+    peft = cfg.model.peft is not None
+    if peft:  # one copy of pi_init's weights: the policy's adapter on it, the reference a view (spa.lora)
+        model = lora.training_policy(cfg, init_path, device, t.gradient_checkpointing)
+        ref_model = lora.training_reference(model, ref_path, per_step=lam is not None)
+    else:
+        ref_model = load_causal_lm(ref_path, cfg.model, device)
     if lam is None:  # precompute once (cached across a crash), then free the reference model
         cache = os.path.join(partial, "ref_logps.json")
         if os.path.exists(cache):
@@ -437,7 +447,8 @@ def run_train(cfg, iteration: int) -> str:
             atomic_write_json(cache, [[f_["ref_chosen"], f_["ref_rejected"]] for f_ in feats])
         del ref_model
         ref_model = None
-    model = load_causal_lm(init_path, cfg.model, device, train=True)
+    if not peft:  # loaded after the reference is freed: one full model in memory at a time without DND
+        model = load_causal_lm(init_path, cfg.model, device, train=True)
     args = _training_args(partial, cfg, batch_size=t.batch_size, per_device=t.per_device_batch_size,
                           lr=t.learning_rate, epochs=epochs, scheduler=t.lr_scheduler_type, warmup=t.warmup_ratio,
                           weight_decay=t.weight_decay)

@@ -16,7 +16,8 @@ logger = logging.getLogger("spa")
 def run_validate(cfg, iteration: int) -> str:
     """Measures iteration i's model on the held-out gold pairs; returns iter_<i>/validation.json."""
     from .judges import init_model_path
-    from .modeling import load_causal_lm, load_tokenizer, resolve_device
+    from .lora import reference_model
+    from .modeling import load_model, load_tokenizer, resolve_device
 
     lay = Layout(cfg.output_dir)
     device = resolve_device(cfg.model.device)
@@ -27,8 +28,8 @@ def run_validate(cfg, iteration: int) -> str:
     if not rows:
         raise ValueError("validate: no held-out validation pair fits data.max_prompt_length; raise "
                          "data.validation_size or data.max_prompt_length")
-    model = load_causal_lm(path, cfg.model, device)
-    reference = load_causal_lm(init_model_path(cfg), cfg.model, device)
+    model = load_model(path, cfg, device)
+    reference = reference_model(cfg, model, init_model_path(cfg), device)
     metrics = model_validation(model, reference, enc, rows, cfg.train.beta, cfg.judge.batch_size,
                                kernel_impl(cfg))
     out = lay.validation(iteration)
