@@ -103,7 +103,14 @@ class GenerateConfig:
     top_p: float = _f(1.0, "nucleus sampling")
     max_new_tokens: int = _f(300, "response length limit")
     batch_size: int = _f(64, "prompts per generate() call (each with num_samples sequences)")
-    shard_size: int = _f(512, "prompts per resumable shard")
+    shard_size: int = _f(512, "prompts per resumable shard (also the unit of work split between processes)")
+    backend: Literal["hf", "vllm"] = _f(
+        "hf", "hf: transformers' generate (the default); vllm: vLLM's engine (pip install 'spa[vllm]'; untested, see "
+              "docs/trainer.md); used by the generate and eval stages")
+    use_cache: bool = _f(True, "hf backend: the KV cache during generation (off: every step recomputes the whole "
+                               "sequence; for measurements)")
+    compile: bool = _f(False, "hf backend: torch.compile the model's forward for generation (see docs/trainer.md "
+                              "for when it pays)")
 
 
 @dataclass
