@@ -171,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
             from .report import run_summary
 
             metrics = loop.run(cfg, until=args.until)
-            if not dist.is_main():
+            main_process = dist.is_main()
+            dist.shutdown()
+            if not main_process:
                 return 0
             print("\n" + run_summary(cfg.output_dir, cfg.loop.iterations, metrics,
                                      plot_run(cfg.output_dir, cfg.loop.iterations)))
@@ -190,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         with loop.run_lock(cfg.output_dir):
             dist.agree(lambda: loop.check_config(cfg) if dist.is_main() else None, "the config check")
             loop.run_stage(cfg, stage)
+        dist.shutdown()
         return 0
     except (ConfigError, DataError, loop.ConfigMismatch, OutputDirLocked) as e:
         print(f"spa: error: {e}", file=sys.stderr)

@@ -120,6 +120,18 @@ def agree(fn: Callable[[], Any], what: str) -> Any:
     return result
 
 
+def shutdown() -> None:
+    """After a successful run: every process passes a barrier, then leaves the process group (a gloo connection
+    closed while its peer still uses it aborts the peer at exit)."""
+    if not is_distributed():
+        return
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def split(items: Sequence) -> list:
     """This process's contiguous share of `items` (accelerate's split_between_processes; all of them alone)."""
     if not is_distributed():
@@ -129,4 +141,4 @@ def split(items: Sequence) -> list:
 
 
 __all__ = ["RankFailed", "TIMEOUT_ENV", "agree", "barrier", "broadcast", "gather", "init", "is_distributed", "is_main",
-           "launched_world_size", "rank", "split", "world_size"]
+           "launched_world_size", "rank", "shutdown", "split", "world_size"]

@@ -25,8 +25,12 @@ pytest.importorskip("accelerate")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # train.warmup_ratio=0: with a warm-up step at learning rate 0 the policy equals its reference at the second step, so
-# every SPA margin is 0 up to float noise and the noisy-pair threshold would be decided by that noise.
-OVERRIDES = {"generate": {"shard_size": 2}, "train": {"warmup_ratio": 0.0}}
+# every SPA margin is 0 up to float noise and the noisy-pair threshold would be decided by that noise (the same holds
+# for every first step: the policy starts as its reference, hence refine.warmup_ratio > 0). refine: half of the
+# pairs flagged noisy with a large label flip, so that a noise detector seeing only its own process's pairs changes
+# the weights.
+OVERRIDES = {"generate": {"shard_size": 2}, "train": {"warmup_ratio": 0.0},
+             "refine": {"percentile": 50.0, "alpha": 0.4}}
 STAGE_OUTPUTS = ["sft/eval.json", "sft/eval_samples.jsonl", "iter_0/validation.json", "iter_0/eval.json",
                  "iter_0/eval_samples.jsonl", "iter_1/samples.jsonl", "iter_1/pairs.jsonl"]
 
@@ -124,6 +128,10 @@ def test_whole_run_matches_one_process(runs):
     assert moved > 1e-3  # the iterations did train: the agreement is not that of untouched models
     steps = lambda run: json.loads(read(os.path.join(run, "metrics.json")))["stages"]["iter_1/train"]["train/steps"]
     assert steps(two) == steps(one) == 2  # the same global batch: 8 pairs / 4 per step
+    # the noise detector's threshold (logged per step) is the one of a single process on the global batch
+    logged = lambda run: [e["refine/threshold"] for e in map(json.loads, open(os.path.join(
+        run, "iter_1", "train_log.jsonl"))) if "refine/threshold" in e]
+    assert len(logged(two)) == 2 and logged(two) == pytest.approx(logged(one), abs=1e-6)
     selected = lambda run: json.loads(read(os.path.join(run, "selected.json")))
     assert selected(two)["iteration"] == selected(one)["iteration"]
     assert selected(two)["values"] == pytest.approx(selected(one)["values"], abs=1e-5)
