@@ -11,6 +11,8 @@
                                                              one full model folder (default: the returned model)
     spa --version
 
+Multi-process: `accelerate launch --num_processes N -m spa.cli run CONFIG.yaml` (spa.distributed).
+
 Only argument parsing happens before a command runs: torch and transformers are imported by the commands that
 need them, so `spa --help` and `spa config` answer at once.
 """
@@ -177,8 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(cfg.to_yaml(), end="")
         return 0
+    from . import distributed as dist
     from . import loop  # heavy imports (torch, transformers) after argument parsing
-    from .io import OutputDirLocked, output_dir_lock
+    from .io import OutputDirLocked
     from .preflight import preflight
     from .report import quiet_transformers
     from .train import NonFiniteError
@@ -186,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     quiet_transformers()
     try:
         set_threads()
+        if dist.is_distributed() and int(os.environ.get("RANK", "0")) != 0:
+            # one process reports (the others' errors still reach stderr)
+            logging.getLogger("spa").setLevel(logging.WARNING)
         if args.command == "demo":
             from .tasks.demo import run_demo
 
@@ -201,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
             from .report import run_summary
 
             metrics = loop.run(cfg, until=args.until)
+            main_process = dist.is_main()
+            dist.shutdown()
+            if not main_process:
+                return 0
             print("\n" + run_summary(cfg.output_dir, cfg.loop.iterations, metrics,
                                      plot_run(cfg.output_dir, cfg.loop.iterations)))
             return 0
@@ -211,16 +221,23 @@ def main(argv: list[str] | None = None) -> int:
         else:
             name = f"iter_{args.iteration}/{args.command}"
         stage = loop.stage_by_name(cfg, name)
+        from .modeling import resolve_device
+
+        dist.init(cpu=resolve_device(cfg.model.device).type == "cpu")
         preflight(cfg, [name])
-        with output_dir_lock(cfg.output_dir):
-            loop.check_config(cfg)
+        with loop.run_lock(cfg.output_dir):
+            dist.agree(lambda: loop.check_config(cfg) if dist.is_main() else None, "the config check")
             loop.run_stage(cfg, stage)
+        dist.shutdown()
         return 0
     except (ConfigError, DataError, loop.ConfigMismatch, OutputDirLocked) as e:
         print(f"spa: error: {e}", file=sys.stderr)
         return 2
     except NonFiniteError as e:  # the stage stopped; nothing non-finite was saved
         print(f"spa: error: {e}", file=sys.stderr)
+        return 1
+    except dist.RankFailed as e:  # another process failed and reported it; its own traceback says why
+        print(f"spa: error (process {dist.rank()}): {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # finished stages and shards are kept (atomic writes)
         print("spa: interrupted; rerun the same command to continue where it stopped", file=sys.stderr)

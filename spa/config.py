@@ -112,7 +112,14 @@ class GenerateConfig:
     top_p: float = _f(1.0, "nucleus sampling")
     max_new_tokens: int = _f(300, "response length limit")
     batch_size: int = _f(64, "prompts per generate() call (each with num_samples sequences)")
-    shard_size: int = _f(512, "prompts per resumable shard")
+    shard_size: int = _f(512, "prompts per resumable shard (also the unit of work split between processes)")
+    backend: Literal["hf", "vllm"] = _f(
+        "hf", "hf: transformers' generate (the default); vllm: vLLM's engine (pip install 'spa[vllm]'; untested, see "
+              "docs/trainer.md); used by the generate and eval stages")
+    use_cache: bool = _f(True, "hf backend: the KV cache during generation (off: every step recomputes the whole "
+                               "sequence; for measurements)")
+    compile: bool = _f(False, "hf backend: torch.compile the model's forward for generation (see docs/trainer.md "
+                              "for when it pays)")
 
 
 @dataclass
@@ -527,6 +534,9 @@ def _validate(c: Config) -> None:
     _check(bool(c.output_dir), "output_dir", "must not be empty")
     if c.model.peft is not None:
         _validate_peft(c.model.peft)
+        _check(c.generate.backend == "hf", "generate.backend",
+               "must be hf with model.peft: the saved models are LoRA adapters, which the vllm backend does not load "
+               "(merge one with `spa merge` to sample from it elsewhere)")
     _check(c.sft.epochs > 0 or c.sft.max_steps > 0, "sft.epochs", "must be > 0 (or set sft.max_steps)")
     _check(c.sft.batch_size >= 1, "sft.batch_size", "must be >= 1")
     _check(c.sft.learning_rate > 0, "sft.learning_rate", "must be > 0")

@@ -8,7 +8,8 @@ For each held-out prompt (eval.prompts) every model samples eval.num_samples res
                     scoring in [0, 1], as the built-in tasks' do)
   reward_accuracy   on held-out gold pairs (eval.pairs): how often the model's implicit reward
                     beta*(log pi(y|x) - log pi_init(y|x)) ranks chosen above rejected (ties 1/2)
-Writes output_dir/<sft|iter_i>/eval_samples.jsonl and eval.json.
+Writes output_dir/<sft|iter_i>/eval_samples.jsonl and eval.json. Under a multi-process launch the sampling shards
+are split between the processes (spa.distributed); the main process scores and writes.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import math
 import os
 
 from . import data as data_mod
+from . import distributed as dist
 from .generate import generate_responses
+from .generation import build_backend
 from .io import Layout, atomic_write_json, atomic_write_jsonl, read_json, read_jsonl, remove_partial, sharded
 from .judges import ImplicitRewardJudge, init_model_path
 from .lora import reference_model
@@ -47,13 +50,14 @@ def run_eval(cfg, iteration: int | None) -> str:
         raise ValueError("eval needs eval.prompts (win rate, score, length) and/or eval.pairs (reward accuracy)")
     lay = Layout(cfg.output_dir)
     name = eval_name(iteration)
-    if iteration is not None and e.prompts and e.oracle and not os.path.exists(lay.eval("sft")):
+    # decided by the main process alone, so that every process of a multi-process run takes the same branch
+    if iteration is not None and e.prompts and e.oracle and dist.broadcast(not os.path.exists(lay.eval("sft"))):
         run_eval(cfg, None)  # the baseline every model is compared with
     path = init_model_path(cfg) if iteration is None else lay.model(iteration)
     device = resolve_device(cfg.model.device)
     tok = load_tokenizer(path, cfg.model.trust_remote_code)
     enc = data_mod.PromptEncoder(tok, cfg.data.max_prompt_length, cfg.data.long_prompts, cfg.data.chat_template)
-    model = load_model(path, cfg, device)
+    model = load_model(path, cfg, device) if cfg.generate.backend == "hf" or e.pairs else None
     oracle = load_oracle(e.oracle) if e.oracle else None
     result: dict = {"model": path}
 
@@ -63,11 +67,13 @@ def run_eval(cfg, iteration: int | None) -> str:
         items = [{**p, "ids": ids} for p in prompts if (ids := enc.encode(p["prompt"])) is not None]
         max_new = e.max_new_tokens or cfg.generate.max_new_tokens
 
+        backend = build_backend(cfg.generate, path, cfg.model, tok, device, model)
+
         def work(shard: int, chunk: list[dict]) -> list[dict]:
-            res, _ = generate_responses(model, tok, [c["ids"] for c in chunk], e.num_samples,
+            res, _ = generate_responses(backend, tok, [c["ids"] for c in chunk], e.num_samples,
                                         temperature=e.temperature, top_p=cfg.generate.top_p, max_new_tokens=max_new,
-                                        batch_size=cfg.generate.batch_size, seed_key=(cfg.seed, "eval", shard),
-                                        progress=f"eval {name} shard {shard}")
+                                        seed_key=(cfg.seed, "eval", shard),
+                                        progress=f"eval {name} shard {shard}" if dist.is_main() else None)
             rows = []
             for c, r in zip(chunk, res):
                 row = {"id": c["id"], "prompt": c["prompt"], **r}
@@ -79,6 +85,9 @@ def run_eval(cfg, iteration: int | None) -> str:
 
         rows = [r for shard in sharded(items, cfg.generate.shard_size, lay.partial(name, "eval"), "eval", work)
                 for r in shard]
+    if not dist.is_main():  # the scores and the outputs are the main process's
+        return lay.eval(name)
+    if e.prompts:
         atomic_write_jsonl(lay.eval_samples(name), rows)
         resp = [(y, n) for r in rows for y, n in zip(r["responses"], r["num_tokens"])]
         result.update({"eval/prompts": len(rows), "eval/samples": len(resp), **enc.metrics(),

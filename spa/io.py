@@ -143,10 +143,15 @@ def remove_partial(folder: str) -> None:
         parent = os.path.dirname(parent)
 
 
+def derive_seed(*keys) -> int:
+    """A 31-bit seed from a hash of `keys` (stable across processes, runs and Python versions)."""
+    return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:4], "little") & 0x7FFFFFFF
+
+
 def seed_everything(*keys) -> int:
     """Seeds python, numpy and torch from a hash of `keys` (e.g. (cfg.seed, "generate", 3)); returns the seed.
     Each stage and shard seeds itself, so a resumed one draws the same numbers as an uninterrupted one."""
-    seed = int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:4], "little") & 0x7FFFFFFF
+    seed = derive_seed(*keys)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -154,20 +159,50 @@ def seed_everything(*keys) -> int:
 
 
 def sharded(items: list, shard_size: int, folder: str, unit: str,
-            work: Callable[[int, list], list[dict]]) -> Iterator[list[dict]]:
-    """Yields the output rows of each shard of `items`, running `work(shard_index, shard_items)` only for shards
-    not already written to folder/shard_<i>.jsonl by an earlier (interrupted) run."""
+            work: Callable[[int, list], list[dict]], progress: str | None = None) -> Iterator[list[dict]]:
+    """Yields the output rows of each shard of `items`, in order, running `work(shard_index, shard_items)` only for
+    shards not already written to folder/shard_<i>.jsonl by an earlier (interrupted) run. `progress`: a bar over
+    the shards, labelled so (main process only).
+
+    Under a multi-process launch every process must call it with the same items: the shards still missing (as the
+    main process sees them) are split between the processes in contiguous runs, each process writes the shard files
+    it computes (committed one by one, so a killed run keeps them), and every process then yields all the shards
+    in order. A shard is computed the same way whichever process computes it, so the rows do not depend on the
+    number of processes."""
+    from tqdm.auto import tqdm
+
+    from . import distributed as dist
+
     os.makedirs(folder, exist_ok=True)
-    for start in range(0, len(items), shard_size):
-        index = start // shard_size
-        path = os.path.join(folder, f"shard_{index:05d}.jsonl")
-        if os.path.exists(path):
-            yield read_jsonl(path)
-            continue
+    starts = range(0, len(items), shard_size)
+    paths = [os.path.join(folder, f"shard_{start // shard_size:05d}.jsonl") for start in starts]
+
+    def compute(index: int) -> list[dict]:
+        start = index * shard_size
         rows = work(index, items[start:start + shard_size])
-        atomic_write_jsonl(path, rows)
+        atomic_write_jsonl(paths[index], rows)
         crash_point(unit)
-        yield rows
+        return rows
+
+    if not dist.is_distributed():
+        for index, path in enumerate(tqdm(paths, desc=progress, disable=progress is None, leave=False,
+                                          unit="shard")):
+            yield read_jsonl(path) if os.path.exists(path) else compute(index)
+        return
+    # The main process's view of what is missing, taken before any process starts writing shards.
+    pending = dist.broadcast([i for i, p in enumerate(paths) if not os.path.exists(p)] if dist.is_main() else None)
+    mine = dist.split(pending)
+
+    def compute_mine() -> dict[int, list[dict]]:
+        bar = tqdm(mine, desc=progress and f"{progress} (process 0 of {dist.world_size()})", leave=False,
+                   disable=progress is None or not dist.is_main(), unit="shard")
+        return {index: compute(index) for index in bar}
+
+    computed: dict[int, list[dict]] = {}
+    for part in dist.gather(dist.agree(compute_mine, f"{unit} shards")):
+        computed.update(part)
+    for index, path in enumerate(paths):
+        yield computed[index] if index in computed else read_jsonl(path)
 
 
 class Layout:

@@ -5,7 +5,8 @@ run_judge writes output_dir/iter_<i>/pairs.jsonl: {"id", "prompt", "chosen", "re
 "score_rejected", "scores"} and iter_<i>/judge_metrics.json (pairs kept, identical responses and exact ties dropped,
 mean margin, lengths and the length relation of the pairs, the judge's agreement with the held-out gold validation
 pairs (judge/validation_accuracy, spa.validation) with its warnings, and with eval.oracle the oracle's agreement
-with the judge).
+with the judge). Under a multi-process launch the shards are split between the processes (spa.distributed); the
+main process does the rest.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import random
 import time
 
 import torch
-from tqdm.auto import tqdm
 
 from . import data as data_mod
+from . import distributed as dist
 from .io import Layout, atomic_write_json, atomic_write_jsonl, read_jsonl, remove_partial, sharded
 from .judges import ImplicitRewardJudge, build_judge, flatten_responses, judge_rows
 from .modeling import kernel_impl, load_model, resolve_device, score_sequences
@@ -67,10 +68,11 @@ def run_judge(cfg, iteration: int) -> str:
             out.append(row)
         return out
 
-    shards = sharded(samples, cfg.generate.shard_size, lay.partial(f"iter_{iteration}", "judge"), "judge", work)
-    total = -(-len(samples) // cfg.generate.shard_size)
-    rows = [r for shard in tqdm(shards, total=total, desc=f"judge iter {iteration}", unit="shard", leave=False)
+    rows = [r for shard in sharded(samples, cfg.generate.shard_size, lay.partial(f"iter_{iteration}", "judge"), "judge",
+                                   work, progress=f"judge iter {iteration}")
             for r in shard]
+    if not dist.is_main():  # the rest (checks on the held-out pairs, the oracle, the outputs) is the main process's
+        return lay.pairs(iteration)
     kept = [{k: v for k, v in r.items() if k not in ("status", "length_slope")} for r in rows if r["status"] == "kept"]
     if not kept:
         raise RuntimeError(f"judge iter {iteration}: every pair was dropped (identical responses or exact ties); "

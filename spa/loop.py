@@ -6,6 +6,10 @@ checkpoint are reused. The config is stored in output_dir/config.yaml on the fir
 settings is refused (ConfigMismatch names the keys). metrics.json collects per-stage wall time, throughput and
 the stages' own metrics, and the evaluation of every model.
 
+Under `accelerate launch` (or torchrun) every process runs this loop: the stages split their work between the
+processes and the main process alone writes the shared files (spa.distributed); the outputs are those of a single
+process.
+
 The run returns a model chosen on held-out gold validation (spa.validation): with loop.select=best (the default) the
 iteration whose model validates best, DPO on the seed included, stopping after loop.patience iterations without
 improvement; output_dir/selected.json and metrics.json["selected"] say which model and why.
@@ -13,6 +17,7 @@ improvement; output_dir/selected.json and metrics.json["selected"] say which mod
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import os
@@ -22,11 +27,13 @@ from dataclasses import dataclass
 
 import yaml
 
+from . import distributed as dist
 from .config import Config, ConfigError, diff
 from .eval import eval_name, format_table, results_table, run_eval
 from .generate import run_generate
 from .io import Layout, atomic_write_json, atomic_write_text, output_dir_lock, read_json
 from .judge_stage import run_judge
+from .modeling import resolve_device
 from .preflight import preflight
 from .report import stage_line
 from .train import run_sft, run_train
@@ -122,20 +129,38 @@ def _record(cfg: Config, stage: Stage, seconds: float | None) -> None:
 
 
 def run_stage(cfg: Config, stage: Stage) -> bool:
-    """Runs one stage unless its output exists; returns whether it ran."""
+    """Runs one stage unless its output exists; returns whether it ran. Under a multi-process launch every process
+    calls it: the main process decides whether the stage is done, every process runs it (the stage splits its
+    work), and a failure on any process stops them all (spa.distributed.agree)."""
     lay = Layout(cfg.output_dir)
-    if os.path.exists(stage.output):
-        recorded = os.path.exists(lay.metrics) and stage.name in read_json(lay.metrics)["stages"]
-        if not recorded:  # done, but the run stopped before recording it
-            _record(cfg, stage, None)
+    if dist.broadcast(os.path.exists(stage.output)):
+        if dist.is_main():
+            recorded = os.path.exists(lay.metrics) and stage.name in read_json(lay.metrics)["stages"]
+            if not recorded:  # done, but the run stopped before recording it
+                _record(cfg, stage, None)
         logger.info("%s: done already (%s)", stage.name, stage.output)
         return False
     logger.info("%s: running", stage.name)
     t0 = time.perf_counter()
-    stage.fn()
-    _record(cfg, stage, time.perf_counter() - t0)
-    logger.info(stage_line(stage.name, _stage_numbers(cfg, stage), time.perf_counter() - t0))
+    dist.agree(stage.fn, stage.name)
+    if dist.is_main():
+        _record(cfg, stage, time.perf_counter() - t0)
+        logger.info(stage_line(stage.name, _stage_numbers(cfg, stage), time.perf_counter() - t0))
     return True
+
+
+@contextlib.contextmanager
+def run_lock(output_dir: str):
+    """output_dir's lock (spa.io.output_dir_lock) for the block; under a multi-process launch the main process holds
+    it for all of them, and every process fails together when it is taken."""
+    if not dist.is_distributed():
+        with output_dir_lock(output_dir):
+            yield
+        return
+    with contextlib.ExitStack() as stack:
+        dist.agree(lambda: stack.enter_context(output_dir_lock(output_dir)) if dist.is_main() else None,
+                   "the output_dir lock")
+        yield
 
 
 def _stage_numbers(cfg: Config, stage: Stage) -> dict:
@@ -152,21 +177,24 @@ def run(cfg: Config, until: str | None = None) -> dict:
     Before anything runs: the --until name and preflight (data files, imports, kernel implementation,
     TrainingArguments fields) are checked; then output_dir's lock is held for the whole run (a second process on
     the same output_dir fails at once)."""
+    dist.init(cpu=resolve_device(cfg.model.device).type == "cpu")
     stages = plan(cfg)
     check_until(stages, until)
     preflight(cfg)
-    with output_dir_lock(cfg.output_dir):
+    with run_lock(cfg.output_dir):
         return _run_locked(cfg, stages, until)
 
 
 def _run_locked(cfg: Config, stages: list[Stage], until: str | None) -> dict:
-    check_config(cfg)
+    dist.agree(lambda: check_config(cfg) if dist.is_main() else None, "the config check")
     last_of = {s.iteration: s.name for s in stages if s.iteration is not None}  # an iteration's final stage
     selection = None
     for stage in stages:
         run_stage(cfg, stage)
         if stage.iteration is not None and last_of[stage.iteration] == stage.name:
-            selection = select_iteration(cfg, stage.iteration)
+            # the main process's choice, so that every process stops at the same iteration
+            selection = dist.broadcast(dist.agree(
+                lambda i=stage.iteration: select_iteration(cfg, i) if dist.is_main() else None, "the selection"))
             if selection.rule == "best" and selection.iteration != stage.iteration:
                 logger.warning("iter_%d validates no better than iter_%d (%s %.3f vs %.3f on the held-out gold "
                                "pairs)",
@@ -177,6 +205,8 @@ def _run_locked(cfg: Config, stages: list[Stage], until: str | None) -> dict:
         if stage.name == until:
             break
     lay = Layout(cfg.output_dir)
+    if not dist.is_main():
+        return {}
     if selection is not None and selection_is_current(cfg, selection):
         record_selection(cfg, selection)
     table = results_table(cfg.output_dir, cfg.loop.iterations)

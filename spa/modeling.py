@@ -5,6 +5,8 @@ Every stage scores sequences here, with the kernel implementation from kernel_im
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 IGNORE = -100
@@ -17,6 +19,8 @@ def kernel_impl(cfg) -> str:
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
+        if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:  # a multi-process launch: one GPU per process
+            return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 

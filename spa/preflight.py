@@ -141,10 +141,25 @@ def check_functions(cfg: Config) -> None:
 
 def preflight(cfg: Config, stages: list[str] | None = None) -> None:
     """Every check that needs imports or the file system, before any compute: data files, model paths and device,
-    train.kernel_impl, TrainingArguments fields, scheduler and report_to names, the oracle and judge functions.
+    train.kernel_impl, TrainingArguments fields, scheduler and report_to names, the oracle and judge functions, the
+    generation backend's library.
     `stages`: the stage names about to run (None: the whole loop). Raises ConfigError naming the key."""
     check_data_sources(cfg, stages)
     device = check_model(cfg, stages)
     check_kernel_impl(cfg, device)
     check_training_arguments(cfg)
     check_functions(cfg)
+    check_generation_backend(cfg, stages)
+
+
+def check_generation_backend(cfg: Config, stages: list[str] | None = None) -> None:
+    """generate.backend's library imports (vllm: an optional extra) when a stage that generates will run."""
+    generates = stages is None or any(s.endswith(("/generate", "/eval")) for s in stages)
+    if not generates:
+        return
+    from .generation import check_backend
+
+    try:
+        check_backend(cfg.generate)
+    except ImportError as e:
+        raise ConfigError(str(e)) from None

@@ -50,6 +50,7 @@ from spa_kernels.integrations.hf import (
 )
 
 from . import data as data_mod
+from . import distributed as dist
 from . import lora
 from .io import (
     Layout,
@@ -268,7 +269,7 @@ class SPATrainer(FiniteGuard, PreferenceLossMixin, Trainer):
         kw, extra = {}, {}
         if self.loss_type == "spa":
             margins = preference_margins(*(ext.chunk(2) if ext is not None else (pc, pr)), rc, rr, self.beta)
-            noisy, threshold = self.detector(margins)
+            noisy, threshold = self._detect_noise(margins)
             a = refine_alpha(self.state.global_step, max(self.state.max_steps, 1), self.alpha, self.refine_warmup)
             kw = {"noisy": noisy, "refine_alpha": a}
             extra = {"refine/threshold": threshold, "refine/alpha": a, "refine/margin": margins.mean().item()}
@@ -276,6 +277,17 @@ class SPATrainer(FiniteGuard, PreferenceLossMixin, Trainer):
             kw = {"margin": sk.dlma_margin(inputs["score_margin"].to(pc.device), gamma=self.dlma_gamma)}
         out = sk.preference_loss(pc, pr, rc, rr, beta=self.beta, loss_type=self.loss_type, **kw)
         return dataclasses.replace(out, chosen_logps=pc.detach(), rejected_logps=pr.detach()), extra
+
+    def _detect_noise(self, margins: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The detector on the whole step's margins: with several processes, every process's batch in rank order
+        (the accelerate data loader gives process r the r-th consecutive slice of the global batch), so the window,
+        the threshold and the noisy pairs are those of one process on the global batch; returns this process's
+        rows."""
+        world = self.accelerator.num_processes
+        if world == 1:
+            return self.detector(margins)
+        noisy, threshold = self.detector(self.accelerator.gather(margins.detach().contiguous()))
+        return noisy.chunk(world)[self.accelerator.process_index].to(margins.device), threshold
 
     def _save_checkpoint(self, model, trial):
         # The detector's window is written before the Trainer's files; a checkpoint counts as complete only once
@@ -369,13 +381,15 @@ def _training_args(out_dir: str, cfg, *, batch_size: int, per_device: int | None
 def _finish(trainer, tok, final: str, partial: str, metrics: dict, metrics_path: str, log_path: str) -> str:
     trainer.check_weights()  # nothing non-finite is ever committed
     lora.drop_reference_adapter(trainer.model)  # a LoRA run saves the trained adapter alone
-    tmp = atomic_dir(final)
-    trainer.save_model(tmp)
-    tok.save_pretrained(tmp)
-    atomic_write_jsonl(log_path, trainer.state.log_history)
-    atomic_write_json(metrics_path, metrics)
-    commit_dir(tmp, final)  # last: the model folder's existence marks the stage done
-    remove_partial(partial)
+    tmp = atomic_dir(final) if dist.is_main() else f"{final}.tmp"
+    dist.barrier()  # the folder exists before any process saves into it
+    trainer.save_model(tmp)  # every process (DeepSpeed / FSDP gather the weights); the Trainer writes on the main one
+    if dist.is_main():
+        tok.save_pretrained(tmp)
+        atomic_write_jsonl(log_path, trainer.state.log_history)
+        atomic_write_json(metrics_path, metrics)
+        commit_dir(tmp, final)  # last: the model folder's existence marks the stage done
+        remove_partial(partial)
     return final
 
 
@@ -444,7 +458,8 @@ def run_train(cfg, iteration: int) -> str:
                     f_["ref_chosen"], f_["ref_rejected"] = c, r
         else:
             precompute_ref_logps(ref_model, feats, tok.pad_token_id, cfg.judge.batch_size, kernel_impl(cfg))
-            atomic_write_json(cache, [[f_["ref_chosen"], f_["ref_rejected"]] for f_ in feats])
+            if dist.is_main():  # every process computed the same values
+                atomic_write_json(cache, [[f_["ref_chosen"], f_["ref_rejected"]] for f_ in feats])
         del ref_model
         ref_model = None
     if not peft:  # loaded after the reference is freed: one full model in memory at a time without DND
@@ -462,7 +477,7 @@ def run_train(cfg, iteration: int) -> str:
     trainer.stage = f"{name}/train"
     quiet_progress(trainer, f"train {name}")
     t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=last_checkpoint(partial))
+    result = trainer.train(resume_from_checkpoint=dist.broadcast(last_checkpoint(partial)))
     seconds = time.perf_counter() - t0
     tokens = sum(2 * len(f["prompt_ids"]) + len(f["chosen_ids"]) + len(f["rejected_ids"]) for f in feats)
     metrics = {**info, **counts, "train/pairs": len(feats), "train/loss_type": loss_type, "train/lam": lam,
@@ -532,7 +547,7 @@ def run_sft(cfg) -> str:
     trainer.stage = "sft"
     quiet_progress(trainer, "sft")
     t0 = time.perf_counter()
-    trainer.train(resume_from_checkpoint=last_checkpoint(partial))
+    trainer.train(resume_from_checkpoint=dist.broadcast(last_checkpoint(partial)))
     metrics = {**stats.as_metrics("data/sft"), **enc.metrics(), "sft/examples": len(feats),
                "sft/responses_truncated": cut, "sft/steps": trainer.state.global_step,
                "sft/seconds_computed": time.perf_counter() - t0, **_summary(trainer.state.log_history, "sft")}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 from . import data as data_mod
+from . import distributed as dist
 from .io import Layout, atomic_write_json
 from .modeling import kernel_impl
 from .validation import model_validation, validation_rows
@@ -20,6 +21,8 @@ def run_validate(cfg, iteration: int) -> str:
     from .modeling import load_model, load_tokenizer, resolve_device
 
     lay = Layout(cfg.output_dir)
+    if not dist.is_main():  # a few hundred held-out pairs: the main process alone scores them
+        return lay.validation(iteration)
     device = resolve_device(cfg.model.device)
     path = lay.model(iteration)
     tok = load_tokenizer(path, cfg.model.trust_remote_code)

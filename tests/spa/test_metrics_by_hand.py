@@ -70,8 +70,8 @@ def test_eval_metrics_by_hand(run_with_sft, monkeypatch, task):
     prompts, _ = load_prompts(task["eval_prompts"], cfg.eval.prompts_split)
     position = {tuple(enc.encode(p["prompt"])): i for i, p in enumerate(prompts[:3])}
 
-    def fake_generate(model, tok, ids, num_samples, **kw):
-        table = SFT if os.path.samefile(model.config._name_or_path, lay.sft_model) else MODEL
+    def fake_generate(backend, tok, ids, num_samples, **kw):
+        table = SFT if os.path.samefile(backend.model.config._name_or_path, lay.sft_model) else MODEL
         res = [table[position[tuple(x)]] for x in ids]
         return [{"responses": r, "finished": [True] * len(r), "num_tokens": [len(y) + 1 for y in r]}
                 for r in res], {}
