@@ -19,7 +19,6 @@ from ..logprobs.triton import (
     online_lse_update,
 )
 
-
 # Three running (max, sum) pairs per lane: BLOCK_V = 8192 over 16 warps (16 elements per thread, six state arrays)
 # spills registers, so the SPA forward tries the log-prob forward's blocks up to 4096.
 _SPA_FWD_CONFIGS = [c for c in _FWD_CONFIGS if c.kwargs["BLOCK_V"] <= 4096]
