@@ -114,7 +114,7 @@ def linear_sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels:
     hidden [N, T, H] (e.g. a model's last hidden states, already aligned with labels), weight [V, H] (the lm_head),
     bias [V] or None, labels [N, T] with ``ignore_index`` for unscored positions. Gradients reach hidden, weight
     and bias. ``chunk_size`` = tokens per chunk for the chunked backends (default: from V; on a GPU at most
-    512 MiB and 1/8 of the free memory per chunk of logits, on the CPU ~256 MiB).
+    512 MiB and 1/8 of the free memory per chunk of logits, on the CPU ~32 MiB).
     """
     token = linear_token_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
                                   temperature=temperature, softcap=softcap, impl=impl, chunk_size=chunk_size)

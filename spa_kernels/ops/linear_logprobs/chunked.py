@@ -106,18 +106,22 @@ def chunked_linear_backward(kernels, grad_token, hidden, weight, bias, labels, l
     return grad_h, grad_w, grad_b
 
 
-def forward(kernels, hidden, weight, bias, labels, inv_temperature: float, chunk_size: int | None,
-            softcap: float | None = None):
-    """hidden [M, H], weight [V, H], bias [V] | None, labels [M] in [0, V) -> (token log-probs [M], lse [M]) with
-    `kernels` (a logprobs backend: its forward / backward) on chunks of tokens; chunk_size=None picks the chunk from
-    V (and free GPU memory). With softcap the kernels cap the chunk's scaled logits (softcap * tanh(u / softcap))."""
-    chunk = chunk_size or chunk_size_for(hidden.shape[0], weight.shape[0], weight.dtype, weight.device)
-    return chunked_linear_forward(kernels, hidden, weight, bias, labels, inv_temperature, chunk, softcap)
+def over(kernels):
+    """(forward, backward) of the linear_logprobs backend protocol on `kernels` (a logprobs backend: the C++ CPU or
+    the CUDA log-prob kernels), chunk by chunk of tokens; chunk_size=None picks the chunk from V (and free GPU
+    memory). With softcap the kernels cap the chunk's scaled logits (softcap * tanh(u / softcap))."""
 
+    def forward(hidden, weight, bias, labels, inv_temperature: float, chunk_size: int | None,
+                softcap: float | None = None):
+        """hidden [M, H], weight [V, H], bias [V] | None, labels [M] in [0, V) -> (token log-probs [M], lse [M])."""
+        chunk = chunk_size or chunk_size_for(hidden.shape[0], weight.shape[0], weight.dtype, weight.device)
+        return chunked_linear_forward(kernels, hidden, weight, bias, labels, inv_temperature, chunk, softcap)
 
-def backward(kernels, grad_token, hidden, weight, bias, labels, lse, inv_temperature: float, chunk_size: int | None,
-             needs_input_grad, softcap: float | None = None):
-    """-> (grad_hidden, grad_weight, grad_bias), each None unless needed; chunks as in forward."""
-    chunk = chunk_size or chunk_size_for(hidden.shape[0], weight.shape[0], weight.dtype, weight.device)
-    return chunked_linear_backward(kernels, grad_token, hidden, weight, bias, labels, lse, inv_temperature, chunk,
-                                   needs_input_grad, softcap)
+    def backward(grad_token, hidden, weight, bias, labels, lse, inv_temperature: float, chunk_size: int | None,
+                 needs_input_grad, softcap: float | None = None):
+        """-> (grad_hidden, grad_weight, grad_bias), each None unless needed; chunks as in forward."""
+        chunk = chunk_size or chunk_size_for(hidden.shape[0], weight.shape[0], weight.dtype, weight.device)
+        return chunked_linear_backward(kernels, grad_token, hidden, weight, bias, labels, lse, inv_temperature,
+                                       chunk, needs_input_grad, softcap)
+
+    return forward, backward

@@ -12,7 +12,17 @@ from ..._validation import acc_dtype, label_check
 from ..linear_logprobs.chunked import _NO_IGNORE, chunk_logits_into, chunk_size_for
 
 
-def forward(kernels, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lam: float,
+def over(kernels):
+    """The forward of the linear_spa_logprobs backend protocol on `kernels` (an spa_logprobs backend)."""
+
+    def forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lam: float, chunk_size: int | None):
+        return chunked_forward(kernels, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lam,
+                               chunk_size)
+
+    return forward
+
+
+def chunked_forward(kernels, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lam: float,
             chunk_size: int | None):
     """-> (token_logps, lse, token_ref_logps, token_extrapolated_logps), each [M]."""
     M = hidden.shape[0]

@@ -7,7 +7,4 @@ from ..linear_logprobs.cuda import backward  # noqa: F401 - this op's backward
 from ..spa_logprobs import cuda as spa_kernels
 from . import chunked
 
-
-def forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lam: float, chunk_size: int | None):
-    return chunked.forward(spa_kernels, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lam,
-                           chunk_size)
+forward = chunked.over(spa_kernels)
