@@ -17,7 +17,10 @@ weight, and under the reference without gradient, then the sigmoid DPO loss, bet
   cce            Cut Cross-Entropy's linear_cross_entropy(..., reduction="none") (its Triton kernels: GPU only;
                  optional, `pip install cut-cross-entropy`)
   spa-<impl>     ours: spa_kernels.FusedLinearPreferenceLoss(impl=...) for every usable backend (triton and cuda on
-                 a GPU, cpu, and "reference" = the pure-PyTorch impl="torch")
+                 a GPU, cpu, and "reference" = the pure-PyTorch impl="torch"): the gradient computed in the forward
+                 over the backend's log-prob kernels (3 matmuls per policy token)
+  spa-<impl>-logps  the same with grad_in_forward=False: per-sequence log-probs, then a backward that rebuilds the
+                 logits (on a GPU with triton: the fused matmul + log-sum-exp kernels)
 Columns: ms (wall clock; on the CPU also cpu_ms, the process's CPU time per call), peak extra MiB (beyond the
 inputs; on the CPU each row runs in a fresh process, see _harness), speed and memory ratios against liger and eager
 at the same shape, mem_floor_mb: the memory no chunked method can go below, the weight gradient + the hidden
@@ -106,8 +109,8 @@ def liger_variant(compiled: bool):
     return loss
 
 
-def spa_variant(impl):
-    loss_fn = sk.FusedLinearPreferenceLoss(beta=BETA, loss_type="sigmoid", impl=impl)
+def spa_variant(impl, grad_in_forward=True):
+    loss_fn = sk.FusedLinearPreferenceLoss(beta=BETA, loss_type="sigmoid", impl=impl, grad_in_forward=grad_in_forward)
 
     def loss(hidden, weight, ref_hidden, ref_weight, labels):
         return loss_fn(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight).loss
@@ -151,6 +154,8 @@ def variants(device) -> tuple[dict, dict]:
             skipped[name] = reason
             continue
         out[name] = spa_variant(impl)
+        if impl in ("triton", "cuda", "cpu"):  # the log-probs path: forward, then a backward that rebuilds logits
+            out[f"{name}-logps"] = spa_variant(impl, grad_in_forward=False)
     return out, skipped
 
 

@@ -22,7 +22,12 @@ def resolve_device(name: str) -> torch.device:
         if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:  # a multi-process launch: one GPU per process
             return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        from .config import ConfigError
+
+        raise ConfigError(f"model.device {name!r} is not a device ({e})") from None
 
 
 def _dtype(name: str):

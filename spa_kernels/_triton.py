@@ -28,14 +28,14 @@ def autotune(configs: list[triton.Config], key: list[str], interpret: triton.Con
     benchmarked), so CPU tests compile and run each kernel once per call.
 
     shared_memory(config, args) -> bytes estimates what a configuration needs for these arguments (e.g. its
-    pipelined tl.dot operand tiles, which depend on the dtype): configurations that cannot fit the GPU are dropped
-    before autotuning instead of failing to launch, and spa_kernels.compile_check checks the estimate against the
-    compiler's figure for every kept configuration."""
+    pipelined tl.dot operand tiles, which depend on the dtype): configurations that cannot fit the tensors' GPU are
+    dropped before autotuning instead of failing to launch (prune_for_arch), and spa_kernels.compile_check checks
+    the estimate against the compiler's figure for every configuration it compiles."""
     if INTERPRET:
         return triton.autotune(configs=[interpret], key=key, **kwargs)
 
     def prune(configs, named_args, **_):
-        return prune_for_arch(configs, named_args, device_capability(), shared_memory)
+        return prune_for_arch(configs, named_args, capability_of(named_args), shared_memory)
 
     decorate = triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune}, **kwargs)
 
@@ -47,46 +47,56 @@ def autotune(configs: list[triton.Config], key: list[str], interpret: triton.Con
     return wrap
 
 
-def device_capability() -> int:
-    major, minor = torch.cuda.get_device_capability()
+def capability_of(named_args: dict) -> int:
+    """Compute capability (e.g. 90) of the GPU holding the launch's tensors (the current GPU if none is a tensor)."""
+    device = next((v.device for v in named_args.values() if isinstance(v, torch.Tensor) and v.is_cuda), None)
+    major, minor = torch.cuda.get_device_capability(device)
     return 10 * major + minor
 
 
-def shared_limit(capability: int) -> int:
-    if torch.cuda.is_available() and capability == device_capability():
-        return torch.cuda.get_device_properties(torch.cuda.current_device()).shared_memory_per_block_optin
+def shared_limit(capability: int, device: torch.device | None = None) -> int:
+    """Shared memory one block may use: the device's own figure when it has this capability, else the table's."""
+    if device is not None and device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        if 10 * props.major + props.minor == capability:
+            return props.shared_memory_per_block_optin
     return SHARED_LIMIT.get(capability, min(SHARED_LIMIT.values()))
 
 
 def prune_for_arch(configs, named_args: dict, capability: int, shared_memory=None) -> list:
-    """The configurations whose estimated shared memory fits sm_<capability>. `configs` may be an autotuner
-    (its configurations and estimator are used)."""
+    """The configurations whose estimated shared memory fits sm_<capability>; `configs` may be an autotuner (its
+    configurations and estimator are used). Never empty: when nothing fits, the smallest configuration is kept, so
+    the launch fails with Triton's own out-of-resources error rather than an empty autotuner (the compile check
+    flags any such kernel)."""
     if shared_memory is None:
         shared_memory = getattr(configs, "spa_shared_memory", None)
-    configs = getattr(configs, "configs", configs)
-    if shared_memory is None:
-        return list(configs)
-    limit = shared_limit(capability)
-    return [c for c in configs if shared_memory(c, named_args) <= limit]
+    configs = list(getattr(configs, "configs", configs))
+    if shared_memory is None or not configs:
+        return configs
+    device = next((v.device for v in named_args.values() if isinstance(v, torch.Tensor) and v.is_cuda), None)
+    limit = shared_limit(capability, device)
+    kept = [c for c in configs if shared_memory(c, named_args) <= limit]
+    return kept or [min(configs, key=lambda c: shared_memory(c, named_args))]
 
 
 def dot_tile_bytes(*operand_ptrs: str):
-    """Estimator for tiled tl.dot kernels: num_stages buffers of each (BLOCK_M x BLOCK_K, BLOCK_K x BLOCK_N) operand
-    pair, per pair of pointer arguments named (e.g. "h_ptr", "w_ptr"), in the operands' element size."""
+    """Estimator for tiled tl.dot kernels: num_stages buffers of a (BLOCK_M x BLOCK_K, BLOCK_K x BLOCK_N) operand
+    pair in the operands' element size. Several pairs of pointer arguments (e.g. "h_ptr", "w_ptr", "rh_ptr",
+    "rw_ptr") are dot loops that run one after the other in the kernel and reuse the buffers: the largest counts."""
     def estimate(config, args) -> int:
         kw = config.kwargs
-        total = 0
+        largest = 0
         for a, b in zip(operand_ptrs[::2], operand_ptrs[1::2]):
             size = max(args[a].element_size(), args[b].element_size())
-            total += (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * size
-        return config.num_stages * total
+            largest = max(largest, (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * size)
+        return config.num_stages * largest
     return estimate
 
 
-if INTERPRET:
+if INTERPRET or torch.version.hip:
     @triton.jit
     def scale(x, factor):
-        """x * factor rounded once (numpy never fuses it into a later add)."""
+        """x * factor (numpy never fuses it into a later add; ROCm has no PTX)."""
         return x * factor
 else:
     @triton.jit

@@ -10,7 +10,9 @@ exactly the ones the wrapper would launch with. Every autotune configuration the
 shared-memory pruning in spa_kernels._triton) is then compiled by Triton's own compiler for a `GPUTarget` down to
 a cubin (Triton's bundled ptxas), and ptxas's resource report is parsed: registers, spill stores/loads, stack
 frame, and the shared memory the kernel needs at launch. A case fails when the compiler fails, when a kept
-configuration needs more shared memory than the architecture allows, or when no configuration is left at all.
+configuration needs more shared memory than the architecture allows (also the one prune_for_arch keeps when
+nothing fits), when the pruning's estimate is below the compiler's figure, or when a bf16 / fp16 kernel spills
+registers on sm_90.
 
 The CUDA kernels' resources come from the built extension itself (`cuobjdump -res-usage` on spa_kernels._C, using
 the cuobjdump Triton ships): registers, local memory (spills and stack) and static shared memory per kernel and
@@ -31,8 +33,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-# Shared memory a block may use (opt-in maximum), by compute capability.
-SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+from ._triton import SHARED_LIMIT  # shared memory a block may use (opt-in maximum), by compute capability
+
 ARCHS = (80, 90)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -42,7 +44,7 @@ class Launch:
     """One intercepted launch: the JIT function, the configurations autotuning would try, and the arguments."""
     kernel: str
     jit: object
-    configs: list  # [(label, {constexpr / option kwargs})]
+    configs: list  # [(label, {constexpr / option kwargs}, estimated shared memory or None)]
     args: dict  # argument name -> value, before autotune / heuristics values
 
 
@@ -58,12 +60,13 @@ class Result:
     spill_loads: int = 0
     stack: int = 0
     shared: int = 0
+    estimate: int | None = None  # the autotuner's shared-memory estimate (pruning), None where it has none
     error: str | None = None
     notes: list = field(default_factory=list)
 
     @property
     def fits(self) -> bool:
-        return self.error is None and self.shared <= SHARED_LIMIT[self.arch]
+        return self.error is None and self.shared <= SHARED_LIMIT.get(self.arch, min(SHARED_LIMIT.values()))
 
 
 class _Captured(Exception):
@@ -98,19 +101,21 @@ def _intercept(arch: int):
             heur.update(getattr(inner, "values", {}))
             inner = inner.fn
         configs = []
-        for config in _triton.prune_for_arch(self.configs, named, arch):
+        estimate = getattr(self, "spa_shared_memory", None)
+        for config in _triton.prune_for_arch(self, named, arch):  # what the GPU would try after pruning
             kw = _config_kwargs(config)
             full = named | kw
             for name, fn in heur.items():
                 kw[name] = fn(full)
-            configs.append((_config_label(_config_kwargs(config)), kw))
+            configs.append((_config_label(_config_kwargs(config)), kw,
+                            None if estimate is None else estimate(config, named)))
         raise _Captured(Launch(inner.__name__, inner, configs, named))
 
     def jit_run(self, *args, grid, warmup, **kwargs):
         named = dict(zip(self.arg_names, args))
         opts = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")}
         named |= {k: v for k, v in kwargs.items() if k not in opts}
-        raise _Captured(Launch(self.__name__, self, [(_config_label(opts), opts)], named))
+        raise _Captured(Launch(self.__name__, self, [(_config_label(opts), opts, None)], named))
 
     saved = autotuner.Autotuner.run, jit.JITFunction.run
     autotuner.Autotuner.run, jit.JITFunction.run = autotuned_run, jit_run
@@ -230,8 +235,9 @@ def check(archs=ARCHS, dtypes=DTYPES, sizes=((32000, 4096), (128256, 4096)), rep
                     if not configs:
                         results.append(Result(case, tag, arch, str(dtype).replace("torch.", ""), "-",
                                               error="no autotune configuration fits this GPU's shared memory"))
-                    for label, kw in configs:
-                        r = Result(f"{case} ({launch.kernel})", tag, arch, str(dtype).replace("torch.", ""), label)
+                    for label, kw, estimate in configs:
+                        r = Result(f"{case} ({launch.kernel})", tag, arch, str(dtype).replace("torch.", ""), label,
+                                   estimate=estimate)
                         try:
                             ck = compile_launch(launch, kw, arch)
                             r.shared = int(ck.metadata.shared)
@@ -266,7 +272,11 @@ def problems(results: list[Result], spill_free_dtypes=("bfloat16", "float16"), s
         if r.error:
             out.append(f"{where}: {r.error}")
         elif not r.fits:
-            out.append(f"{where}: needs {r.shared} B of shared memory, sm_{r.arch} allows {SHARED_LIMIT[r.arch]}")
+            out.append(f"{where}: needs {r.shared} B of shared memory, sm_{r.arch} allows "
+                       f"{SHARED_LIMIT.get(r.arch, min(SHARED_LIMIT.values()))}")
+        elif r.estimate is not None and r.estimate < r.shared:
+            out.append(f"{where}: the pruning estimate ({r.estimate} B) is below the compiler's {r.shared} B of shared "
+                       "memory, so a configuration that cannot fit could be kept")
         elif r.spill_stores and r.dtype in spill_free_dtypes and r.arch in spill_free_archs:
             out.append(f"{where}: spills {r.spill_stores} B of registers ({r.regs} registers)")
     return out

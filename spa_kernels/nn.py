@@ -13,6 +13,7 @@ from .ops.linear_logprobs import check_linear_inputs, check_softcap, linear_sequ
 from .ops.linear_logprobs.pair_loss import fused_linear_pair_loss
 from .ops.linear_spa_logprobs import linear_spa_sequence_logprobs
 
+PAIR_LOSS_IMPLS = ("cpu", "cuda", "triton")  # backends whose log-prob kernels the gradient-in-forward path uses
 SPA_NEEDS_NOISY = "loss_type='spa' needs the noisy-pair mask (`noisy`) or lam with `noise_threshold`"
 
 
@@ -35,10 +36,14 @@ class FusedLinearPreferenceLoss(nn.Module):
         ignore_index, temperature, softcap, impl, chunk_size: as in linear_sequence_logprobs (softcap: final-logit
             softcapping; not with lam).
 
-    On the CPU backend (impl "cpu", or "auto" on CPU tensors) with reduction "mean" or "sum" and a gradient to
-    compute, the loss's gradient is computed during the forward (ops/linear_logprobs/pair_loss.py: each chunk of
-    whole pairs' logits is built once; peak extra memory is the gradients plus one chunk), and `losses` comes back
-    detached (the gradient flows through `loss`); a second backward through the same loss is not supported.
+    grad_in_forward (default True): with reduction "mean" or "sum" and a gradient to compute, the loss's gradient
+    is computed during the forward (ops/linear_logprobs/pair_loss.py): each chunk of whole pairs' logits is built
+    once by an ATen matmul, scored by the backend's log-prob kernels and turned into its gradient in place, so the
+    policy costs 3 matmuls per token instead of 4 (a forward, then a backward that rebuilds the logits). Peak extra
+    memory: the gradients plus one chunk of logits. Backends cpu, cuda and triton (triton without softcap); `losses`
+    then comes back detached (the gradient flows through `loss`) and a second backward through the same loss is
+    not supported. False: the log-probs path (differentiable `losses`; on a GPU with impl="triton" the fused
+    matmul + log-sum-exp kernels, the leanest in memory).
 
     forward(hidden [2B, T, H], weight [V, H], labels [2B, T], bias=None, *, ref_logps=None | [2B] | (chosen, rejected),
             ref_hidden=None, ref_weight=None, ref_bias=None, noisy=None, margin=None, lam=None,
@@ -50,7 +55,7 @@ class FusedLinearPreferenceLoss(nn.Module):
                  ignore_index: int = -100, average_log_prob: bool | None = None, temperature: float = 1.0,
                  refine_alpha: float = 0.1, simpo_gamma: float = 0.5, lam: float | None = None,
                  noise_threshold: float | None = None, reduction: str = "mean", impl: str = "auto",
-                 chunk_size: int | None = None, softcap: float | None = None):
+                 chunk_size: int | None = None, softcap: float | None = None, grad_in_forward: bool = True):
         super().__init__()
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type={loss_type!r} is not one of {LOSS_TYPES}")
@@ -61,6 +66,7 @@ class FusedLinearPreferenceLoss(nn.Module):
         self.average_log_prob = loss_type in ("ipo", "simpo") if average_log_prob is None else average_log_prob
         self.refine_alpha, self.simpo_gamma, self.reduction = refine_alpha, simpo_gamma, reduction
         self.lam, self.noise_threshold, self.impl, self.chunk_size = lam, noise_threshold, impl, chunk_size
+        self.grad_in_forward = bool(grad_in_forward)
 
     @staticmethod
     def _reference_pairs(ref, ref_logps, rows: int, needs_ref: bool):
@@ -77,10 +83,10 @@ class FusedLinearPreferenceLoss(nn.Module):
 
     def _fused_pair_loss(self, hidden, weight, labels, bias, ref_c, ref_r, margin, noisy):
         """The loss with its gradient computed in the forward, pairs batched into chunks of logits (no logits
-        rebuilt in the backward, nothing saved): for the chunked CPU backend, a scalar loss (reduction mean or sum),
-        and a forward that needs a gradient. None where it does not apply (the log-probs path then runs).
-        `losses` is then detached: the gradient flows through `loss` only."""
-        if self.reduction not in ("mean", "sum") or not torch.is_grad_enabled():
+        rebuilt in the backward, nothing saved): for the cpu, cuda and triton backends, a scalar loss (reduction
+        mean or sum), and a forward that needs a gradient. None where it does not apply (the log-probs path then
+        runs). `losses` is then detached: the gradient flows through `loss` only."""
+        if not self.grad_in_forward or self.reduction not in ("mean", "sum") or not torch.is_grad_enabled():
             return None
         if not any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
             return None
@@ -93,8 +99,9 @@ class FusedLinearPreferenceLoss(nn.Module):
             raise ValueError(f"chunk_size must be a positive number of tokens, got {self.chunk_size}")
         name, _ = _dispatch.resolve("linear_logprobs", self.impl,
                                     {"hidden": hidden, "weight": weight, "bias": bias, "labels": labels})
-        if name != "cpu":
-            return None
+        if name not in PAIR_LOSS_IMPLS or (name == "triton" and softcap is not None):
+            return None  # the torch reference has no kernels; Triton's log-prob kernels take no softcap
+        kernels = _dispatch.backend("logprobs", name)
         _split_pairs(hidden, "hidden")
         check_label_range(labels, weight.shape[0], self.ignore_index)
         N, T, H = hidden.shape
@@ -133,7 +140,7 @@ class FusedLinearPreferenceLoss(nn.Module):
             return loss.detach(), grad
 
         loss, sums = fused_linear_pair_loss(hidden.reshape(N * T, H), weight, bias, pair_labels.masked_select(scored),
-                                            rows, seq_offsets, pair_loss, inv_temperature, self.chunk_size, name,
+                                            rows, seq_offsets, pair_loss, inv_temperature, self.chunk_size, kernels,
                                             softcap)
         logps = sums if denom is None else sums / denom.to(sums.dtype)
         chosen, rejected = logps[0::2], logps[1::2]

@@ -82,6 +82,27 @@ def test_shared_memory_pruning_follows_dtype_and_architecture():
     assert _triton.prune_for_arch([big, small], bf16, 80, estimate) == [big, small]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_every_tuned_kernel_keeps_a_fitting_configuration_on_every_architecture(dtype):
+    """The real configuration lists and estimators (the autotuners themselves hold one configuration under the
+    interpreter): on every architecture in the table, in every dtype, at least one configuration fits."""
+    from spa_kernels.ops.linear_logprobs import triton as lin
+    from spa_kernels.ops.linear_spa_logprobs import triton as lin_spa
+
+    t = torch.empty(0, dtype=dtype, device="meta")
+    kernels = {"linear": (lin._TILE_CONFIGS, _triton.dot_tile_bytes("h_ptr", "w_ptr"), {"h_ptr": t, "w_ptr": t}),
+               "linear_spa": (lin_spa._SPA_TILE_CONFIGS, _triton.dot_tile_bytes("h_ptr", "w_ptr", "rh_ptr", "rw_ptr"),
+                              {"h_ptr": t, "w_ptr": t, "rh_ptr": t, "rw_ptr": t})}
+    for name, (configs, estimate, args) in kernels.items():
+        for arch, limit in _triton.SHARED_LIMIT.items():
+            kept = _triton.prune_for_arch(configs, args, arch, estimate)
+            assert kept and all(estimate(c, args) <= limit for c in kept), (name, arch, dtype)
+    # nothing fits: the smallest configuration is kept (the launch then reports Triton's out-of-resources error)
+    huge = [c for c in lin._TILE_CONFIGS]
+    assert _triton.prune_for_arch(huge, {"h_ptr": t, "w_ptr": t}, 80, lambda c, a: 10**9 + c.num_stages) == \
+        [min(huge, key=lambda c: c.num_stages)]
+
+
 def test_cuda_kernel_resources_are_reported_for_every_built_arch():
     info = _ext.build_info()
     if not info.get("cuda"):

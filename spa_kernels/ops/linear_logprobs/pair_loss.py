@@ -1,5 +1,6 @@
-"""A pairwise preference loss from hidden states with its gradient computed during the forward, over the chunked
-(cpu / cuda) log-prob kernels: FusedLinearPreferenceLoss's path on the CPU backend (spa_kernels/nn.py).
+"""A pairwise preference loss from hidden states with its gradient computed during the forward, over a log-prob
+kernel backend (cpu, cuda or triton: spa_kernels/ops/logprobs/) and ATen matmuls: FusedLinearPreferenceLoss's path
+for a scalar loss (spa_kernels/nn.py).
 
 Each chunk of a batch of pairs has its logits built once; they give the log-probs, the pair losses and, in place,
 the logits' gradient, which two matmuls then turn into the hidden and weight gradients: 4 matmuls per token where
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import torch
 
-from ... import _dispatch
 from ..._accumulate import accumulate_mm
 from ..._validation import acc_dtype, label_check
 from .chunked import _NO_IGNORE, chunk_logits_into, chunk_size_for
@@ -48,7 +48,7 @@ def pair_batches(seq_offsets: list[int], chunk: int) -> list[tuple[int, int]]:
 
 
 def fused_linear_pair_loss(hidden, weight, bias, labels, index, seq_offsets: list[int], pair_loss,
-                           inv_temperature: float, chunk_size: int | None, impl: str, softcap: float | None = None):
+                           inv_temperature: float, chunk_size: int | None, kernels, softcap: float | None = None):
     """A pairwise loss of per-sequence log-probs, with its gradient computed during the forward (no recomputed
     logits, no saved activations).
 
@@ -65,15 +65,14 @@ def fused_linear_pair_loss(hidden, weight, bias, labels, index, seq_offsets: lis
     """
     chunk = chunk_size or pair_chunk_size(seq_offsets, weight.shape[0], weight.dtype, weight.device)
     return FusedLinearPairLossFunction.apply(hidden, weight, bias, labels, index, seq_offsets, pair_loss,
-                                             inv_temperature, chunk, impl, softcap)
+                                             inv_temperature, chunk, kernels, softcap)
 
 
 class FusedLinearPairLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, index, seq_offsets, pair_loss, inv_temperature: float,
-                chunk: int, impl: str, softcap: float | None = None):
+                chunk: int, kernels, softcap: float | None = None):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        kernels = _dispatch.backend("logprobs", impl)
         cap = {} if softcap is None else {"softcap": softcap}
         dt = acc_dtype(hidden.dtype)
         reduced = weight.dtype in (torch.bfloat16, torch.float16)

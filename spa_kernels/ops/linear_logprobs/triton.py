@@ -18,9 +18,10 @@ Tuning: both kernels are autotuned over a few (BLOCK_M, BLOCK_N, BLOCK_K, warps,
 dtypes, a power-of-two bucket of the token count and the rows' alignment (AUTOTUNE_KEY) - never on the exact number
 of tokens, so new sequence lengths neither re-tune nor recompile (token counts are excluded from integer
 specialisation). The tiles are the usual Hopper/Ampere GEMM shapes that fit the register file with a float32
-accumulator; a tile whose pipelined operands do not fit the GPU's shared memory (a float32 128x256 tile) is pruned
-before autotuning. float32 inputs follow torch.get_float32_matmul_precision(): "highest" (torch's default) is an
-exact float32 tl.dot, "high" / "medium" (or torch.backends.cuda.matmul.allow_tf32 = True) use TF32 tensor cores.
+accumulator; a tile whose pipelined operands do not fit the GPU's shared memory (float32 128-wide tiles on sm_80 /
+sm_86) is pruned before autotuning. float32 inputs follow torch.get_float32_matmul_precision(): "highest" (torch's
+default) is an exact float32 tl.dot, "high" / "medium" (or torch.backends.cuda.matmul.allow_tf32 = True) use TF32
+tensor cores.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ _TILE_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    # fits every GPU's shared memory in float32 too (48 KiB), and suits float32's FMA tl.dot
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
 ]
 # Under the interpreter: small tiles so that the tests' odd shapes span several tiles in every dimension.
 _INTERPRET_TILE = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16})
@@ -68,10 +71,13 @@ def m_bucket(M: int) -> int:
 
 
 def aligned(*tensors) -> int:
-    """1 when every tensor's base and row stride are 16-byte aligned (vectorised tile loads), else 0."""
+    """1 when every tensor has unit stride over its last dimension and a 16-byte aligned base and row stride
+    (vectorised tile loads), else 0."""
     for t in tensors:
         if t is None:
             continue
+        if t.shape[-1] > 1 and t.stride(-1) != 1:
+            return 0
         size = t.element_size()
         if t.data_ptr() % 16 or any((st * size) % 16 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1):
             return 0
