@@ -165,3 +165,25 @@ def test_failure_on_one_process_stops_both(runs, task, tmp_path):
     assert "judge broken on purpose on rank 1" in proc.stderr
     assert "spa: error (process 0): judge shards: process 1 of 2 failed: ValueError: judge broken" in proc.stderr
     assert not os.path.exists(os.path.join(folder, "run", "iter_1", "pairs.jsonl"))
+
+
+def test_noise_detector_sees_every_process_margins():
+    """With several processes, every process flags the noisy pairs of the whole step (the gathered margins, in rank
+    order), exactly as one process on the global batch would, and keeps its own rows."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from spa.refine import NoiseDetector
+    from spa.train import SPATrainer
+
+    margins = torch.tensor([0.9, 0.8, 0.7, 0.6, -0.5, -0.4, 0.3, 0.2])  # rank 1's rows hold the low margins
+    world = 2
+    want_noisy, want_threshold = NoiseDetector(percentile=25, window=50)(margins)
+    assert want_noisy[4:].any() and not want_noisy[:4].any()
+    for rank in range(world):
+        accelerator = SimpleNamespace(num_processes=world, process_index=rank, gather=lambda t: margins.clone())
+        trainer = SimpleNamespace(accelerator=accelerator, detector=NoiseDetector(percentile=25, window=50))
+        noisy, threshold = SPATrainer._detect_noise(trainer, margins.chunk(world)[rank])
+        assert threshold == want_threshold
+        assert torch.equal(noisy, want_noisy.chunk(world)[rank])
