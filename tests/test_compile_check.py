@@ -114,3 +114,5 @@ def test_cuda_kernel_resources_are_reported_for_every_built_arch():
     names = " ".join(r["kernel"] for r in rows)
     assert "logprobs" in names and "spa" in names
     assert all(r["regs"] > 0 for r in rows)
+    # no kernel spills or keeps a stack frame (local memory) on any built architecture
+    assert [r for r in rows if r["local"] or r["stack"]] == []
