@@ -2,7 +2,8 @@
 sm_80 and sm_90 through its real wrapper, no kept autotune configuration exceeds the architecture's shared memory,
 and no reduced-precision kernel spills registers on sm_90. The fast form (one configuration per kernel, dtype and
 arch) runs by default; `pytest -m slow` compiles every configuration at two vocabulary sizes (384 compiles: about 11
-minutes on 2 busy cores with an empty Triton cache, benchmarks/results/compile_check_triton.txt). The CUDA kernels' resource report reads the built extension."""
+minutes on 2 busy cores with an empty Triton cache, benchmarks/results/compile_check_triton.txt). The CUDA
+kernels' resource report reads the built extension."""
 
 import os
 import subprocess
