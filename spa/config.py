@@ -537,6 +537,9 @@ def _validate(c: Config) -> None:
         _check(c.generate.backend == "hf", "generate.backend",
                "must be hf with model.peft: the saved models are LoRA adapters, which the vllm backend does not load "
                "(merge one with `spa merge` to sample from it elsewhere)")
+        _check(not (c.train.deepspeed or c.train.fsdp), "train.deepspeed" if c.train.deepspeed else "train.fsdp",
+               "is not supported with model.peft yet (the reference adapters and the adapter-only save are tested "
+               "with data parallelism only); LoRA on a 7B model fits one GPU")
     _check(c.sft.epochs > 0 or c.sft.max_steps > 0, "sft.epochs", "must be > 0 (or set sft.max_steps)")
     _check(c.sft.batch_size >= 1, "sft.batch_size", "must be >= 1")
     _check(c.sft.learning_rate > 0, "sft.learning_rate", "must be > 0")

@@ -70,8 +70,9 @@ def run_generate(cfg, iteration: int) -> str:
         if ids is not None:
             items.append({**p, "ids": ids})
     device = resolve_device(cfg.model.device)
-    # a LoRA run's policy is an adapter: HF generate samples from it merged into pi_init's weights (faster)
-    model = load_model(policy_path, cfg, device, merge=True) if g.backend == "hf" else None
+    # A LoRA run's policy is an adapter: sampled unmerged, the model the judge, validate and eval score. Merging it
+    # into bf16 / fp16 base weights would round small updates away (most entries of a 1e-5 update are lost).
+    model = load_model(policy_path, cfg, device) if g.backend == "hf" else None
     backend = build_backend(g, policy_path, cfg.model, tok, device, model=model)
     totals = {"new_tokens": 0, "seconds": 0.0, "shards_computed": 0}
 

@@ -161,13 +161,18 @@ def reference_model(cfg, policy, path: str, device):
 
 def merge_adapter(cfg, adapter_path: str, out: str, device=None) -> str:
     """pi_init + the adapter at adapter_path merged into one full model (peft's merge_and_unload), saved with the
-    tokenizer to `out` (written atomically); returns out."""
+    tokenizer to `out` (written atomically); returns out. The merge is done and saved in float32 whatever
+    model.dtype is: adding a small LoRA update to bf16 / fp16 weights would round most of it away (cast when
+    loading, e.g. torch_dtype=torch.bfloat16, knowing that this rounds too)."""
+    import dataclasses
+
     from .io import atomic_dir, commit_dir
     from .modeling import load_model, load_tokenizer, resolve_device
 
     if not is_adapter(adapter_path):
         raise ValueError(f"{adapter_path} is not a PEFT adapter folder (no {ADAPTER_CONFIG}): nothing to merge")
     device = resolve_device(cfg.model.device) if device is None else device
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="float32"))
     model = load_model(adapter_path, cfg, device)
     merged = model.merge_and_unload()
     tmp = atomic_dir(out)

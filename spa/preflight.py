@@ -157,8 +157,12 @@ def check_generation_backend(cfg: Config, stages: list[str] | None = None) -> No
     generates = stages is None or any(s.endswith(("/generate", "/eval")) for s in stages)
     if not generates:
         return
+    from . import distributed as dist
     from .generation import check_backend
 
+    if cfg.generate.backend == "vllm" and dist.is_distributed():
+        raise ConfigError("generate.backend vllm runs in one process (its engine sets up its own parallelism): "
+                          "start spa without accelerate launch / torchrun, or use generate.backend hf")
     try:
         check_backend(cfg.generate)
     except ImportError as e:

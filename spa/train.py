@@ -371,6 +371,9 @@ def _training_args(out_dir: str, cfg, *, batch_size: int, per_device: int | None
               deepspeed=t.deepspeed, fsdp=t.fsdp or "")
     if t.gradient_checkpointing:  # transformers 5 name (gradient_checkpointing is deprecated there)
         kw["activation_checkpointing"] = True
+    if cfg.model.peft is not None and world > 1:
+        # a PeftModel is no PreTrainedModel, so the Trainer would have DDP search for unused parameters every step
+        kw["ddp_find_unused_parameters"] = False
     unknown = set(t.trainer_args) - {f.name for f in dataclasses.fields(TrainingArguments)}
     if unknown:
         raise ValueError(f"train.trainer_args: unknown TrainingArguments field(s) {sorted(unknown)}")

@@ -68,3 +68,11 @@ def test_missing_vllm_names_the_extra(tiny_cfg):
     with pytest.raises(ImportError, match=r"spa\[vllm\]"):
         VLLMBackend("unused", cfg.model, 0)
     assert isinstance(Config.from_dict(cfg.to_dict()).generate.backend, str)
+
+
+def test_vllm_is_refused_under_a_multi_process_launch(tiny_cfg, monkeypatch):
+    """vLLM's engine sets up its own parallelism: under accelerate launch / torchrun it is refused before compute."""
+    cfg = tiny_cfg.replace(**{"generate.backend": "vllm"})
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"generate.backend vllm runs in one process"):
+        preflight(cfg)

@@ -95,6 +95,16 @@ def test_config_errors_name_the_key(peft, message, tmp_path):
         Config.load(str(path))
 
 
+@pytest.mark.parametrize("override, message", [
+    ("generate.backend=vllm", r"generate\.backend must be hf with model\.peft"),
+    ("train.deepspeed=ds.json", r"train\.deepspeed is not supported with model\.peft"),
+    ("train.fsdp=full_shard", r"train\.fsdp is not supported with model\.peft"),
+])
+def test_config_refuses_what_lora_runs_do_not_support(override, message):
+    with pytest.raises(ConfigError, match=message):
+        Config.from_dict({"model": {"peft": {}}}, [override])
+
+
 def test_config_accepts_lora_and_explains_it(capsys):
     cfg = Config.from_dict({}, ["model.peft.r=16", "model.peft.lora_alpha=32", "model.peft.target_modules=[q_proj]"])
     assert cfg.model.peft == {"r": 16, "lora_alpha": 32, "target_modules": ["q_proj"]}
@@ -235,6 +245,22 @@ def test_merge_gives_the_same_log_probs(peft_run, tmp_path, capsys):
     out2 = str(tmp_path / "selected")
     assert main(["merge", peft_run.output_dir, "--out", out2]) == 0
     assert os.path.exists(os.path.join(out2, "model.safetensors"))
+
+
+def test_merge_is_float32_and_one_process(peft_run, tmp_path, capsys, monkeypatch):
+    """The merge is done in float32 whatever model.dtype says (bf16 weights would round a small update away)."""
+    import dataclasses
+
+    from spa.lora import merge_adapter
+
+    lay = Layout(peft_run.output_dir)
+    cfg = dataclasses.replace(peft_run, model=dataclasses.replace(peft_run.model, dtype="bfloat16"))
+    out = merge_adapter(cfg, lay.model(1), str(tmp_path / "m32"))
+    merged = load_causal_lm(out, dataclasses.replace(peft_run.model, dtype="auto"))
+    assert {p.dtype for p in merged.parameters()} == {torch.float32}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["merge", peft_run.output_dir, "--out", str(tmp_path / "m2")]) == 2
+    assert "spa merge runs in one process" in capsys.readouterr().err
 
 
 def test_merge_errors(peft_run, tmp_path, capsys):
