@@ -234,7 +234,7 @@ def check(archs=ARCHS, dtypes=DTYPES, sizes=((32000, 4096), (128256, 4096)), rep
                     configs = launch.configs[:1] if representative else launch.configs
                     if not configs:
                         results.append(Result(case, tag, arch, str(dtype).replace("torch.", ""), "-",
-                                              error="no autotune configuration fits this GPU's shared memory"))
+                                              error="the autotuner has no configuration"))
                     for label, kw, estimate in configs:
                         r = Result(f"{case} ({launch.kernel})", tag, arch, str(dtype).replace("torch.", ""), label,
                                    estimate=estimate)
