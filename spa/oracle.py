@@ -35,10 +35,39 @@ def load_oracle(spec: str, key: str = "eval.oracle") -> Callable[[str, str], flo
         module = _import(module_name)
     except ImportError as e:
         raise ValueError(f"{key} {spec!r}: cannot import {module_name!r} ({e})") from None
+    except Exception as e:  # the module itself fails: a SyntaxError (its message names file and line), a NameError
+        raise ValueError(f"{key} {spec!r}: importing {module_name!r} failed: {type(e).__name__}: {e}") from e
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ValueError(f"{key} {spec!r}: {module_name} has no callable {attr!r}")
-    return fn
+    return CheckedScorer(fn, key, spec)
+
+
+class OracleError(ValueError):
+    """A scorer raised, or returned something that is not a number (or NaN): names the key, prompt and response."""
+
+
+class CheckedScorer:
+    """fn(prompt, response) as a float: an exception inside fn is re-raised as OracleError naming the config key,
+    the prompt and the response (the original traceback chained); a result that is not a real number, or NaN (which
+    would make every comparison false and the win rates silently wrong), is an OracleError too."""
+
+    def __init__(self, fn: Callable[[str, str], float], key: str, spec: str):
+        self.fn, self.key, self.spec = fn, key, spec
+
+    def __call__(self, prompt: str, response: str) -> float:
+        where = f"on prompt {prompt[:60]!r}, response {response[:60]!r}"
+        try:
+            value = self.fn(prompt, response)
+        except Exception as e:
+            raise OracleError(f"{self.key} {self.spec!r} raised {type(e).__name__}: {e} ({where})") from e
+        try:
+            score = float(value)
+        except (TypeError, ValueError):
+            raise OracleError(f"{self.key} {self.spec!r} returned {value!r}, not a number ({where})") from None
+        if score != score:
+            raise OracleError(f"{self.key} {self.spec!r} returned NaN ({where})")
+        return score
 
 
 def pairwise_win(a: float, b: float) -> float:

@@ -35,7 +35,9 @@ def check_data_sources(cfg: Config, stages: list[str] | None = None) -> None:
         raise ConfigError("sft.data is not set: the SFT stage needs demonstrations")
     sources = {"data.seed": cfg.data.seed, "data.prompts": cfg.data.prompts, "eval.prompts": cfg.eval.prompts,
                "eval.pairs": cfg.eval.pairs, "sft.data": cfg.sft.data if cfg.sft.enabled or needs_sft else None}
-    for key, source in sources.items():
+    sources = list(sources.items()) + [(f"data.iteration_prompt_files[{i}]", f)
+                                       for i, f in enumerate(cfg.data.iteration_prompt_files)]
+    for key, source in sources:
         if source and _local_looking(source):  # read as given, like the loaders do (no ~ expansion)
             if not os.path.exists(source):
                 raise ConfigError(f"{key}: {source} does not exist")

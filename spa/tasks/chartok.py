@@ -57,6 +57,8 @@ def data_chars(*sources: str | Iterable[str]) -> str:
             for row in rows:
                 for text in _strings(row):
                     chars.update(text)
+        elif isinstance(src, str) and src.endswith((".jsonl", ".json")):  # a file name that is not there: a typo,
+            raise FileNotFoundError(f"data_chars: {src} does not exist")   # not a string of characters
         elif isinstance(src, str):
             chars.update(src)
         else:

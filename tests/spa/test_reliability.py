@@ -298,6 +298,8 @@ def test_second_process_on_one_output_dir_fails_at_once(tiny_cfg, tmp_path, caps
     ("data.seed=/nonexistent/prefs.jsonl", r"data\.seed: /nonexistent/prefs\.jsonl does not exist"),
     ("eval.pairs=missing_pairs.jsonl", r"eval\.pairs: missing_pairs\.jsonl does not exist"),
     ("sft.data=./missing_folder", r"sft\.data: \./missing_folder does not exist"),
+    ("data.iteration_prompt_files=[missing_iter1.jsonl]",
+     r"data\.iteration_prompt_files\[0\]: missing_iter1\.jsonl does not exist"),
     ("data.seed=null", r"data\.seed is not set"),
     ("train.lr_scheduler_type=cosin", r"train\.lr_scheduler_type must be a transformers scheduler name \(did you "
                                       r"mean 'cosine'\?\)"),
@@ -329,6 +331,48 @@ def test_preflight_refuses_before_any_compute(tiny_cfg, tmp_path, capsys, monkey
         err = capsys.readouterr().err
         assert err.startswith("spa: error: ") and err.count("\n") == 1, err
     assert ran == [] and not os.path.exists(cfg.output_dir)
+
+
+def test_oracle_module_that_fails_to_import_is_a_config_error(tiny_cfg, tmp_path, capsys, monkeypatch):
+    """A syntax error (or any exception) in the oracle's module: one line naming the key, the file and the line."""
+    import spa.loop
+
+    ran = []
+    monkeypatch.setattr(spa.loop, "run_stage", lambda cfg, stage: ran.append(stage.name))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "broken_oracle_xyz.py").write_text("def score(prompt, response)\n    return 1.0\n")
+    cfg = Config.from_dict(tiny_cfg.to_dict(), ["eval.oracle=broken_oracle_xyz:score"])
+    assert main(["run", _write_config(tmp_path, cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("spa: error: eval.oracle 'broken_oracle_xyz:score': importing 'broken_oracle_xyz' failed: "
+                          "SyntaxError") and "broken_oracle_xyz.py, line 1" in err and err.count("\n") == 1, err
+    assert ran == [] and not os.path.exists(cfg.output_dir)
+
+
+def test_oracle_calls_are_checked():
+    """An oracle that raises, returns a non-number or NaN: an OracleError naming the key, the prompt and the response
+    (NaN would otherwise count as a loss in every win rate, silently)."""
+    import sys
+    import types
+
+    from spa.oracle import OracleError, load_oracle
+
+    mod = types.ModuleType("flaky_oracle_xyz")
+    mod.score = lambda p, r: {"": 1 / len(r), "none": None, "nan": float("nan"), "int": 1}.get(r, 0.5)
+    sys.modules["flaky_oracle_xyz"] = mod
+    try:
+        oracle = load_oracle("flaky_oracle_xyz:score")
+        assert oracle("Shift: abc", "bcd") == 0.5 and type(oracle("Shift: abc", "int")) is float
+        with pytest.raises(OracleError, match=r"eval\.oracle 'flaky_oracle_xyz:score' raised ZeroDivisionError: .*"
+                                              r"\(on prompt 'Shift: abc', response ''\)") as e:
+            oracle("Shift: abc", "")
+        assert isinstance(e.value.__cause__, ZeroDivisionError)  # the oracle's own traceback stays attached
+        with pytest.raises(OracleError, match=r"returned None, not a number \(on prompt 'Shift: abc', response 'none'"):
+            oracle("Shift: abc", "none")
+        with pytest.raises(OracleError, match=r"judge\.function 'flaky_oracle_xyz:score' returned NaN"):
+            load_oracle("flaky_oracle_xyz:score", "judge.function")("Shift: abc", "nan")
+    finally:
+        del sys.modules["flaky_oracle_xyz"]
 
 
 def test_preflight_accepts_the_tiny_config_and_checks_spa_kernels_impl(tiny_cfg, monkeypatch):

@@ -108,6 +108,14 @@ def test_own_task_from_a_directory(tmp_path):
     assert stored["data"]["seed_size"] == 24 and isinstance(stored["data"]["seed_size"], int)
 
 
+def test_data_chars_refuses_a_missing_data_file(tmp_path):
+    """A misspelt file name is an error, not a string whose characters join the alphabet."""
+    _write(tmp_path / "a.jsonl", [{"prompt": "Shift: ab", "response": "bc"}])
+    assert data_chars(str(tmp_path / "a.jsonl"), "xyz") == " :Sabcfhitxyz"
+    with pytest.raises(FileNotFoundError, match=r"data_chars: .*b\.jsonl does not exist"):
+        data_chars(str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"))
+
+
 def test_help_and_version_do_not_import_torch():
     code = ("import sys\nfrom spa.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
             "print('HEAVY', sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
