@@ -125,9 +125,10 @@ class GenerateConfig:
 @dataclass
 class JudgeConfig:
     type: Literal["implicit", "contrastive", "reward_model", "llm", "function"] = _f(
-        "implicit", "implicit: SPA's beta*(log pi_{i-1} - log pi_init); contrastive: DLMA's self-reward; "
-                    "reward_model: an HF sequence-classification model; llm: LLM-as-judge; function: a "
-                    "programmatic scorer (judge.function)")
+        "implicit", "implicit: the model's own implicit reward, beta * log pi_{i-1} with judge.reference none (the "
+                    "default), SPA's beta*(log pi_{i-1} - log pi_init) with judge.reference init; contrastive: "
+                    "DLMA's self-reward; reward_model: an HF sequence-classification model; llm: LLM-as-judge; "
+                    "function: a programmatic scorer (judge.function)")
     beta: float = _f(0.1, "beta of the implicit reward")
     reference: Literal["init", "previous", "none"] = _f(
         "none", "implicit judge's reference: none = no reference (beta * log pi_{i-1}; the default, measured best "

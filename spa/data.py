@@ -90,9 +90,17 @@ def _read_source(source: str, split: str) -> list[tuple[str, object]]:
         if not isinstance(data, list):
             raise DataError(f"{source}: expected a JSON list of objects, got {type(data).__name__}")
         return [(f"{source}[{i}]", row) for i, row in enumerate(data)]
-    import datasets  # only for hub / dataset-folder sources
-
-    ds = datasets.load_dataset(source, split=split)
+    try:
+        import datasets  # only for hub / dataset-folder sources
+    except ImportError as e:
+        raise DataError(f"{source} is not a .jsonl/.json file, and reading it as a dataset needs the datasets "
+                        f"library ({e}; pip install datasets)") from None
+    try:
+        ds = datasets.load_dataset(source, split=split)
+    except Exception as e:  # noqa: BLE001 - offline, no such dataset or split, a bad folder: all one message
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise DataError(f"{source}: not a local .jsonl/.json file, and datasets.load_dataset({source!r}, "
+                        f"split={split!r}) failed: {type(e).__name__}: {first}") from e
     return [(f"{source}[{split}] row {i}", row) for i, row in enumerate(ds)]
 
 

@@ -39,7 +39,12 @@ def load_oracle(spec: str, key: str = "eval.oracle") -> Callable[[str, str], flo
         raise ValueError(f"{key} {spec!r}: importing {module_name!r} failed: {type(e).__name__}: {e}") from e
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise ValueError(f"{key} {spec!r}: {module_name} has no callable {attr!r}")
+        import difflib
+
+        names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n, None))]
+        close = difflib.get_close_matches(attr, names, n=1)
+        raise ValueError(f"{key} {spec!r}: {module_name} has no callable {attr!r}"
+                         + (f" (did you mean {module_name}:{close[0]}?)" if close else ""))
     return CheckedScorer(fn, key, spec)
 
 

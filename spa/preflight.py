@@ -24,6 +24,25 @@ def _local_looking(source: str) -> bool:
     return source.endswith((".jsonl", ".json")) or source.startswith(("/", "./", "../", "~")) or os.path.exists(source)
 
 
+def _misspelt_file(source: str) -> str | None:
+    """Why `source`, which is not there, looks like a data file name with a misspelt extension rather than a hub
+    dataset name ('prefs.jsnol'; hub names are 'owner/name', or a bare name without a file extension), else None."""
+    base, ext = os.path.splitext(os.path.basename(source))
+    if not ext or os.path.exists(source) or "/" in source:
+        return None
+    folder = os.path.dirname(source) or "."
+    try:
+        files = [f for f in os.listdir(folder) if f.endswith((".jsonl", ".json"))]
+    except OSError:
+        files = []
+    close = difflib.get_close_matches(os.path.basename(source), files, n=1, cutoff=0.6)
+    hint = f"did you mean {os.path.join(os.path.dirname(source), close[0])!r}? " if close else ""
+    if ext.lower() in (".jsonl", ".json") or close or ext.lower().startswith(".j"):
+        return (f"{source} does not exist and is not a hub dataset name ('owner/name'); {hint}data files are .jsonl "
+                "(one JSON object per line) or .json (a list of objects)")
+    return None
+
+
 def check_data_sources(cfg: Config, stages: list[str] | None = None) -> None:
     """Every configured data file exists; the data a planned stage needs is configured."""
     train_or_generate = stages is None or any(s.endswith(("/train", "/generate")) for s in stages)
@@ -38,11 +57,54 @@ def check_data_sources(cfg: Config, stages: list[str] | None = None) -> None:
     sources = list(sources.items()) + [(f"data.iteration_prompt_files[{i}]", f)
                                        for i, f in enumerate(cfg.data.iteration_prompt_files)]
     for key, source in sources:
+        why = source and _misspelt_file(source)
+        if why:
+            raise ConfigError(f"{key}: {why}")
         if source and _local_looking(source):  # read as given, like the loaders do (no ~ expansion)
             if not os.path.exists(source):
                 raise ConfigError(f"{key}: {source} does not exist")
             if source.endswith((".jsonl", ".json")) and not os.path.isfile(source):
                 raise ConfigError(f"{key}: {source} is not a file")
+
+
+def _planned(stages: list[str] | None, test) -> bool:
+    return stages is None or any(test(s) for s in stages)
+
+
+def check_data_rows(cfg: Config, stages: list[str] | None = None) -> None:
+    """Every row of the data the planned stages read parses (the loaders' own checks: JSON, fields, types), and the
+    seed and the iterations' prompt pools can be formed (enough pairs and prompts), so a malformed line fails here,
+    naming the key, file, line and field, instead of after the stages before it have run. Hub datasets and dataset
+    folders are loaded here too (datasets caches them for the stage)."""
+    from . import data as data_mod
+
+    checks = []  # (key, source, loader)
+    if cfg.sft.data and (cfg.sft.enabled or stages is not None) \
+            and _planned(stages, lambda s: s == "sft"):
+        checks.append(("sft.data", cfg.sft.data, data_mod.load_demos))
+    if _planned(stages, lambda s: s.endswith("/eval")):
+        checks += [(key, source, loader) for key, source, loader in
+                   (("eval.prompts", cfg.eval.prompts, data_mod.load_prompts),
+                    ("eval.pairs", cfg.eval.pairs, data_mod.load_pairs)) if source]
+    iteration_sources = {"data.seed": cfg.data.seed, "data.prompts": cfg.data.prompts,
+                         **{f"data.iteration_prompt_files[{i}]": f
+                            for i, f in enumerate(cfg.data.iteration_prompt_files[:cfg.loop.iterations])}}
+    uses_pools = _planned(stages, lambda s: s.startswith("iter_") and not s.endswith("/eval"))
+    if uses_pools:
+        checks += [(key, source, data_mod.load_prompts if key != "data.seed" else data_mod.load_pairs)
+                   for key, source in iteration_sources.items() if source]
+    split = {"sft.data": cfg.sft.split, "eval.prompts": cfg.eval.prompts_split,
+             "eval.pairs": cfg.eval.pairs_split, "data.seed": cfg.data.seed_split}
+    for key, source, loader in checks:
+        try:
+            loader(source, split.get(key, cfg.data.prompts_split), cfg.data.skip_invalid)
+        except data_mod.DataError as e:
+            raise ConfigError(f"{key}: {e}") from None
+    if uses_pools and cfg.data.seed:
+        try:
+            data_mod.seed_and_pools(cfg)
+        except data_mod.DataError as e:
+            raise ConfigError(str(e)) from None
 
 
 def check_model(cfg: Config, stages: list[str] | None = None):
@@ -144,7 +206,7 @@ def check_functions(cfg: Config) -> None:
 def preflight(cfg: Config, stages: list[str] | None = None) -> None:
     """Every check that needs imports or the file system, before any compute: data files, model paths and device,
     train.kernel_impl, TrainingArguments fields, scheduler and report_to names, the oracle and judge functions, the
-    generation backend's library.
+    generation backend's library, and every row of the data the planned stages read.
     `stages`: the stage names about to run (None: the whole loop). Raises ConfigError naming the key."""
     check_data_sources(cfg, stages)
     device = check_model(cfg, stages)
@@ -152,6 +214,7 @@ def preflight(cfg: Config, stages: list[str] | None = None) -> None:
     check_training_arguments(cfg)
     check_functions(cfg)
     check_generation_backend(cfg, stages)
+    check_data_rows(cfg, stages)  # last: it reads all the data
 
 
 def check_generation_backend(cfg: Config, stages: list[str] | None = None) -> None:

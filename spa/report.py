@@ -93,3 +93,20 @@ def quiet_transformers() -> None:
         log = logging.getLogger(name)
         if _not_benign not in log.filters:
             log.addFilter(_not_benign)
+    quiet_deepspeed_on_cpu()
+
+
+def quiet_deepspeed_on_cpu() -> None:
+    """Where DeepSpeed is installed, accelerate imports it inside every Trainer, and on a machine without a GPU it
+    prints "Setting accelerator to CPU ..." on stdout, into the middle of the run's output. With no CUDA device it
+    picks its CPU accelerator anyway; naming it (DS_ACCELERATOR=cpu, unless the user set one) does the same
+    silently."""
+    import importlib.util
+    import os
+
+    if "DS_ACCELERATOR" in os.environ or importlib.util.find_spec("deepspeed") is None:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"

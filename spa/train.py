@@ -541,6 +541,15 @@ def run_sft(cfg) -> str:
         if not cfg.model.name_or_path:
             raise ValueError("model.name_or_path is needed for the SFT stage (or sft.from_scratch)")
         model = load_causal_lm(cfg.model.name_or_path, cfg.model, device, train=True)
+    parameters = sum(p.numel() for p in model.parameters())
+    if dist.is_main():  # the size, before hours of training: a from_scratch key left out takes transformers' default
+        c = model.config
+        size = (f"{parameters / 1e9:.2f}B" if parameters >= 1e9 else f"{parameters / 1e6:.2f}M" if parameters >= 1e5
+                else f"{parameters / 1e3:.1f}K")
+        logger.info("sft: %s %s, %s parameters (%s layers, hidden %s, intermediate %s), %d examples",
+                    "a new" if s.from_scratch is not None else "fine-tuning", c.model_type, size,
+                    getattr(c, "num_hidden_layers", "?"), getattr(c, "hidden_size", "?"),
+                    getattr(c, "intermediate_size", "?"), len(feats))
     partial = lay.partial("sft", "train")
     args = _training_args(partial, cfg, batch_size=s.batch_size, per_device=None, lr=s.learning_rate,
                           epochs=s.epochs, scheduler=s.lr_scheduler_type, warmup=s.warmup_ratio,
@@ -552,6 +561,7 @@ def run_sft(cfg) -> str:
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=dist.broadcast(last_checkpoint(partial)))
     metrics = {**stats.as_metrics("data/sft"), **enc.metrics(), "sft/examples": len(feats),
+               "sft/parameters": parameters,
                "sft/responses_truncated": cut, "sft/steps": trainer.state.global_step,
                "sft/seconds_computed": time.perf_counter() - t0, **_summary(trainer.state.log_history, "sft")}
     return _finish(trainer, tok, lay.sft_model, partial, metrics, lay.stage_metrics("sft", "sft"),

@@ -100,9 +100,11 @@ class PreferenceCollator:
 
 def _unwrap(model):
     """The transformers model inside DDP / FSDP / DeepSpeed / torch.compile wrappers and a PEFT model."""
-    from accelerate.utils import extract_model_from_parallel
+    if hasattr(model, "module") or hasattr(model, "_orig_mod"):  # wrapped (DDP, FSDP, DeepSpeed: .module; compile)
+        from accelerate.utils import extract_model_from_parallel
 
-    model = extract_model_from_parallel(model)
+        # only then: it imports deepspeed where installed, which prints a line on stdout
+        model = extract_model_from_parallel(model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 

@@ -163,7 +163,8 @@ def test_failure_on_one_process_stops_both(runs, task, tmp_path):
                env={"SPA_DIST_TIMEOUT_S": "120"})
     assert proc.returncode != 0 and time.perf_counter() - t0 < 100
     assert "judge broken on purpose on rank 1" in proc.stderr
-    assert "spa: error (process 0): judge shards: process 1 of 2 failed: ValueError: judge broken" in proc.stderr
+    assert ("spa: error (process 0): judge shards: process 1 of 2 failed: OracleError: judge.function "
+            "'tests.spa.dist_helpers:fails_on_rank_1' raised ValueError: judge broken") in proc.stderr
     assert not os.path.exists(os.path.join(folder, "run", "iter_1", "pairs.jsonl"))
 
 

@@ -5,6 +5,7 @@ starts."""
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -293,7 +294,9 @@ def test_second_process_on_one_output_dir_fails_at_once(tiny_cfg, tmp_path, caps
                                                 r"TrainingArguments field \(did you mean 'max_grad_norm'\?\)"),
     ("eval.oracle=no_such_module_xyz:score", r"eval\.oracle 'no_such_module_xyz:score': cannot import"),
     ("eval.oracle=spa.tasks.reverse:nope", r"eval\.oracle 'spa\.tasks\.reverse:nope': spa\.tasks\.reverse has no "
-                                           r"callable 'nope'"),
+                                           r"callable 'nope'$"),
+    ("eval.oracle=spa.tasks.reverse:oracel", r"spa\.tasks\.reverse has no callable 'oracel' \(did you mean "
+                                             r"spa\.tasks\.reverse:oracle\?\)"),
     ("judge.function=spa.tasks.reverse:nope", r"judge\.function 'spa\.tasks\.reverse:nope'"),
     ("data.seed=/nonexistent/prefs.jsonl", r"data\.seed: /nonexistent/prefs\.jsonl does not exist"),
     ("eval.pairs=missing_pairs.jsonl", r"eval\.pairs: missing_pairs\.jsonl does not exist"),
@@ -331,6 +334,65 @@ def test_preflight_refuses_before_any_compute(tiny_cfg, tmp_path, capsys, monkey
         err = capsys.readouterr().err
         assert err.startswith("spa: error: ") and err.count("\n") == 1, err
     assert ran == [] and not os.path.exists(cfg.output_dir)
+
+
+BAD_ROWS = {  # file -> its lines; each bad at the line the message names
+    "bad_seed.jsonl": ['{"prompt": "a", "chosen": "b", "rejected": "c"}', '{"prompt": "d", "chosen": "e", "rej'],
+    "bad_prompts.jsonl": ['{"prompt": "a"}', '{"promt": "b"}'],
+    "bad_iter.jsonl": ['{"prompt": 7}'],
+    "bad_demos.jsonl": ['{"prompt": "a", "respons": "b"}'],
+}
+
+
+@pytest.mark.parametrize("override, match", [
+    ("data.seed=bad_seed.jsonl", r"data\.seed: bad_seed\.jsonl:2: not valid JSON"),
+    ("eval.prompts=bad_prompts.jsonl", r"eval\.prompts: bad_prompts\.jsonl:2: missing field 'prompt' \(or "
+                                       r"'messages'\); has promt"),
+    ("data.iteration_prompt_files=[bad_iter.jsonl]",
+     r"data\.iteration_prompt_files\[0\]: bad_iter\.jsonl:1: field 'prompt' must be a string"),
+    ("sft.data=bad_demos.jsonl", r"sft\.data: bad_demos\.jsonl:1: missing field\(s\) 'completion'"),
+    ("data.iteration_prompts=[100000]", r"data\.iteration_prompts asks for 100000 prompts"),
+    ("data.seed=prefs.jsnol", r"data\.seed: prefs\.jsnol does not exist and is not a hub dataset name "
+                              r"\('owner/name'\); did you mean 'prefs\.jsonl'\?"),
+    ("eval.pairs=someone/no_such_dataset_xyz", r"eval\.pairs: someone/no_such_dataset_xyz: not a local "
+                                               r"\.jsonl/\.json file, and datasets\.load_dataset\("
+                                               r"'someone/no_such_dataset_xyz', split='test_prefs'\) failed"),
+])
+def test_malformed_data_fails_before_any_compute(tiny_cfg, task, tmp_path, capsys, monkeypatch, override, match):
+    """Every row of every data source is read before the first stage: a bad line (or a misspelt file name, or a hub
+    dataset that cannot be loaded) is one line naming the key, the file, the line and the field, not an error
+    after the SFT model was trained and evaluated."""
+    import spa.loop
+
+    ran = []
+    monkeypatch.setattr(spa.loop, "run_stage", lambda cfg, stage: ran.append(stage.name))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    for name, lines in BAD_ROWS.items():
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+    shutil.copy(task["prefs"], tmp_path / "prefs.jsonl")
+    cfg = Config.from_dict(tiny_cfg.to_dict(), [override])
+    with pytest.raises(ConfigError, match=match):
+        spa.loop.run(cfg)
+    assert main(["run", _write_config(tmp_path, cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("spa: error: ") and err.count("\n") == 1, err
+    assert ran == [] and not os.path.exists(cfg.output_dir)
+
+
+def test_stage_alone_reads_only_its_own_data(tiny_cfg, tmp_path, monkeypatch):
+    """A stage run alone checks the data it reads, not the rest: evaluating pi_init needs no valid seed."""
+    from spa.preflight import preflight
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad_seed.jsonl").write_text("\n".join(BAD_ROWS["bad_seed.jsonl"]) + "\n")
+    cfg = Config.from_dict(tiny_cfg.to_dict(), ["data.seed=bad_seed.jsonl"])
+    preflight(cfg, ["sft/eval"])
+    preflight(cfg, ["sft"])
+    for stage in ("iter_0/train", "iter_1/generate", "iter_0/validate"):
+        with pytest.raises(ConfigError, match=r"data\.seed: bad_seed\.jsonl:2"):
+            preflight(cfg, [stage])
 
 
 def test_oracle_module_that_fails_to_import_is_a_config_error(tiny_cfg, tmp_path, capsys, monkeypatch):

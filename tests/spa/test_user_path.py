@@ -74,6 +74,9 @@ def test_own_task_from_a_directory(tmp_path):
     (tmp_path / "sft.yaml").write_text(yaml.safe_dump(sft))
     r = spa_cmd(["sft", "sft.yaml"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
+    n = json.loads((tmp_path / "sft_run" / "sft" / "sft_metrics.json").read_text())["sft/parameters"]
+    assert f"sft: a new llama, {n / 1e3:.1f}K parameters (1 layers, hidden 16, intermediate 32), 150 examples" \
+        in r.stderr, r.stderr
     run = {"output_dir": "run", "seed": 1, "model": {"name_or_path": "sft_run/sft/model", "device": "cpu"},
            "sft": {"enabled": False},
            "data": {"seed": "prefs.jsonl", "seed_size": 24, "iteration_prompt_files": ["iter1.jsonl"],
@@ -89,7 +92,8 @@ def test_own_task_from_a_directory(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     out, err = r.stdout, r.stderr
     # quiet: no Trainer log dicts anywhere, labelled bars, one line per stage, a closing summary on stdout
-    for noise in ("{'loss'", "'train_runtime'", "{'eval/", "Writing model shards", "Loading weights", "missing keys"):
+    for noise in ("{'loss'", "'train_runtime'", "{'eval/", "Writing model shards", "Loading weights", "missing keys",
+                  "real_accelerator"):
         assert noise not in out + err, noise
     assert "train iter_0" in err and "train iter_1" in err
     for stage in ("iter_0/train: done in", "iter_1/judge: done in", "iter_1/eval: done in"):
@@ -106,6 +110,28 @@ def test_own_task_from_a_directory(tmp_path):
     assert not os.path.exists(tmp_path / "run" / "sft" / "model")  # the SFT model was reused, not retrained
     stored = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert stored["data"]["seed_size"] == 24 and isinstance(stored["data"]["seed_size"], int)
+
+
+def test_deepspeed_is_told_there_is_no_gpu(monkeypatch):
+    """Where DeepSpeed is installed, every Trainer imports it, and without a GPU it prints a warning on stdout unless
+    its CPU accelerator is named; a user's own DS_ACCELERATOR is kept, and nothing is set where a GPU is visible."""
+    import importlib.util
+
+    import torch
+
+    from spa.report import quiet_deepspeed_on_cpu
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "deepspeed"
+                        else real_find_spec(name, *a))
+    for gpu, preset, expected in ((False, None, "cpu"), (False, "xpu", "xpu"), (True, None, None)):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda gpu=gpu: gpu)
+        if preset is None:
+            monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+        else:
+            monkeypatch.setenv("DS_ACCELERATOR", preset)
+        quiet_deepspeed_on_cpu()
+        assert os.environ.get("DS_ACCELERATOR") == expected
 
 
 def test_data_chars_refuses_a_missing_data_file(tmp_path):
