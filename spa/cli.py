@@ -229,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
 
         dist.init(cpu=resolve_device(cfg.model.device).type == "cpu")
         preflight(cfg, [name])
+        loop.check_prerequisites(cfg, stage)
         with loop.run_lock(cfg.output_dir):
             dist.agree(lambda: loop.check_config(cfg) if dist.is_main() else None, "the config check")
             loop.run_stage(cfg, stage)

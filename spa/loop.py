@@ -242,6 +242,49 @@ def check_until(stages: list[Stage], until: str | None) -> None:
         raise ConfigError(f"--until {until!r} is not a stage of this config's plan{hint}; stages: {', '.join(names)}")
 
 
+def _stage_command(name: str) -> str:
+    """The single-stage command that runs stage `name` (e.g. iter_0/train -> spa train CONFIG --iteration 0)."""
+    if name == "sft":
+        return "spa sft CONFIG"
+    if name == "sft/eval":
+        return "spa eval CONFIG --sft"
+    it, kind = name.split("/")
+    return f"spa {kind} CONFIG --iteration {it.split('_')[1]}"
+
+
+def prerequisites(cfg: Config, name: str) -> list[str]:
+    """The stages whose outputs stage `name` reads (a stage run alone needs them done first)."""
+    needs = ["sft"] if cfg.sft.enabled and name != "sft" else []
+    if name in ("sft", "sft/eval"):
+        return needs
+    it, kind = name.split("/")
+    i = int(it.split("_")[1])
+    if kind == "generate":
+        needs.append(f"iter_{i - 1}/train")
+    elif kind == "judge":
+        needs += [f"iter_{i}/generate", f"iter_{i - 1}/train"]
+        if cfg.judge.type == "implicit" and cfg.judge.reference == "previous" and i >= 2:
+            needs.append(f"iter_{i - 2}/train")
+    elif kind == "train" and i > 0:
+        needs += [f"iter_{i}/judge", f"iter_{i - 1}/train"]
+    elif kind in ("validate", "eval"):
+        needs.append(f"iter_{i}/train")
+    return needs
+
+
+def check_prerequisites(cfg: Config, stage: Stage) -> None:
+    """A one-line error naming the first earlier stage whose output `stage` needs and does not find (nothing to check
+    when the stage itself is done)."""
+    if os.path.exists(stage.output):
+        return
+    for need in prerequisites(cfg, stage.name):
+        dep = stage_by_name(cfg, need)
+        if not os.path.exists(dep.output):
+            raise ConfigError(f"{stage.name} needs the output of {need} ({dep.output}), which is not there yet: run "
+                              f"`{_stage_command(need)}` first, or `spa run CONFIG --until {stage.name}` for every "
+                              "stage up to this one")
+
+
 def stage_by_name(cfg: Config, name: str) -> Stage:
     for s in plan(cfg):
         if s.name == name:

@@ -162,6 +162,29 @@ def test_single_stages_from_the_cli(uninterrupted, tmp_path):
     assert read_json(lay.validation(1)) == val
 
 
+def test_a_stage_alone_before_its_inputs_is_a_one_line_error(run_with_sft, task, tmp_path, capsys):
+    """A single-stage command whose earlier stage has not run names that stage and the command that runs it, before
+    any compute and without touching output_dir (it used to end in a transformers traceback about a repo id)."""
+    fresh = tmp_path / "fresh.yaml"
+    fresh.write_text(Config.from_dict(tiny_settings(task, str(tmp_path / "fresh"))).to_yaml())
+    assert main(["generate", str(fresh), "--iteration", "1"]) == 2
+    assert "iter_1/generate needs the output of sft" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "fresh")
+    path = tmp_path / "c.yaml"
+    path.write_text(run_with_sft.to_yaml())  # sft done, nothing else
+    for argv, need, command in (
+            (["generate", "--iteration", "1"], "iter_0/train", "spa train CONFIG --iteration 0"),
+            (["eval", "--iteration", "0"], "iter_0/train", "spa train CONFIG --iteration 0"),
+            (["validate", "--iteration", "0"], "iter_0/train", "spa train CONFIG --iteration 0"),
+            (["judge", "--iteration", "1"], "iter_1/generate", "spa generate CONFIG --iteration 1"),
+            (["train", "--iteration", "1"], "iter_1/judge", "spa judge CONFIG --iteration 1")):
+        assert main([argv[0], str(path), *argv[1:]]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("spa: error: ") and len(err.splitlines()) == 1, err
+        assert f"needs the output of {need}" in err and f"`{command}`" in err
+    assert not os.path.exists(Layout(run_with_sft.output_dir).config)
+
+
 def test_changed_config_is_refused(uninterrupted, tmp_path, capsys):
     cfg, _ = uninterrupted
     changed = cfg.replace(**{"train.beta": 0.2, "generate.temperature": 0.9})
