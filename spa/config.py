@@ -258,10 +258,12 @@ class Config:
         if not isinstance(data, dict):
             raise ConfigError(f"the configuration{where} must be a mapping of sections, got {type(data).__name__}")
         data = json.loads(json.dumps(data))  # a deep copy of plain values
+        origins = {}  # section.key -> the --set item that gave it, so an error names the override, not the file
         for item in overrides or []:
             _apply_override(data, item)
+            origins[item.split("=", 1)[0].strip()] = item
         try:
-            return _build(cls, data, "", where)
+            return _build(cls, data, "", _Where(where, origins))
         except ConfigError:
             raise
         except (TypeError, ValueError) as e:
@@ -381,15 +383,31 @@ def _suggest(name: str, options) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _build(cls, data: dict, prefix: str, where: str):
+class _Where:
+    """Where a key's value came from, for error messages: the file (" in run.yaml"), or the --set item that gave
+    the key or one of its sections (" in --set train.beta=x")."""
+
+    def __init__(self, source: str, origins: dict[str, str]):
+        self.source, self.origins = source, origins
+
+    def __call__(self, key: str) -> str:
+        parts = key.split(".")
+        for n in range(len(parts), 0, -1):
+            item = self.origins.get(".".join(parts[:n]))
+            if item is not None:
+                return f" in --set {item}"
+        return self.source
+
+
+def _build(cls, data: dict, prefix: str, where: _Where):
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'the configuration'} must be a mapping{where}, "
-                          f"got {type(data).__name__}: {data!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'the configuration'} must be a mapping"
+                          f"{where(prefix.rstrip('.'))}, got {type(data).__name__}: {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
         if key not in fields:
-            raise ConfigError(f"unknown key {prefix}{key}{where}{_suggest(str(key), fields)}; "
+            raise ConfigError(f"unknown key {prefix}{key}{where(f'{prefix}{key}')}{_suggest(str(key), fields)}; "
                               f"valid keys: {', '.join(fields)}")
     kwargs = {}
     for key, value in data.items():
@@ -397,11 +415,11 @@ def _build(cls, data: dict, prefix: str, where: str):
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value if value is not None else {}, f"{prefix}{key}.", where)
         else:
-            kwargs[key] = _coerce(value, tp, f"{prefix}{key}", where)
+            kwargs[key] = _coerce(value, tp, f"{prefix}{key}", where(f"{prefix}{key}"))
     try:
         return cls(**kwargs)
-    except ConfigError as e:
-        raise ConfigError(f"{e}{where}") from None
+    except ConfigError as e:  # the checks' messages start with the key they are about
+        raise ConfigError(f"{e}{where(str(e).split(' ', 1)[0])}") from None
 
 
 def _coerce(value, tp, key: str, where: str):

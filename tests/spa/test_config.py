@@ -91,4 +91,22 @@ def test_cli_config_prints_and_errors(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "beta: 0.25" in out and "iterations: 1" in out
     assert main(["config", str(path), "--set", "train.bta=1"]) == 2
-    assert "unknown key train.bta" in capsys.readouterr().err
+    assert "unknown key train.bta in --set train.bta=1 (did you mean 'beta'?)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["train.bta=1"], r"unknown key train\.bta in --set train\.bta=1 \(did you mean 'beta'\?\)"),
+    (["train.batch_size=abc"], r"train\.batch_size must be an integer in --set train\.batch_size=abc, got str"),
+    (["refine.lam=[0.5, x]"], r"refine\.lam\[1\] must be a number in --set refine\.lam=\[0\.5, x\]"),
+    (["refine.alpha=0.7"], r"refine\.alpha must be in \[0, 0\.5\) in --set refine\.alpha=0\.7"),
+    (["model.peft={rr: 4}"], r"model\.peft\.rr is not a peft\.LoraConfig field.* in --set model\.peft=\{rr: 4\}"),
+    (["loop.iterations=1"], r"train\.beta must be a number in .*c\.yaml, got str"),  # the file's own error
+])
+def test_errors_name_the_override_that_caused_them(tmp_path, overrides, match):
+    """A bad value given with --set is reported as coming from that --set item, not from the config file."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  beta: high\n" if overrides == ["loop.iterations=1"] else "train:\n  beta: 0.2\n")
+    with pytest.raises(ConfigError, match=match) as e:
+        Config.load(str(path), overrides)
+    if overrides != ["loop.iterations=1"]:
+        assert "c.yaml" not in str(e.value)
