@@ -414,7 +414,8 @@ def precompute_ref_logps(ref_model, feats: list[dict], pad_id: int, batch_size: 
     """Adds ref_chosen / ref_rejected (summed response log-probs under the reference) to every feature."""
     items = [(f["prompt_ids"], f["chosen_ids"]) for f in feats] + [(f["prompt_ids"], f["rejected_ids"])
                                                                      for f in feats]
-    lp = score_sequences(ref_model, items, pad_id, batch_size, impl, progress="reference log-probs").tolist()
+    lp = score_sequences(ref_model, items, pad_id, batch_size, impl,  # every process scores all; one bar
+                         progress="reference log-probs" if dist.is_main() else None).tolist()
     for n, f in enumerate(feats):
         f["ref_chosen"], f["ref_rejected"] = lp[n], lp[n + len(feats)]
 

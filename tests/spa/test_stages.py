@@ -194,3 +194,22 @@ def test_function_judge_orients_pairs_by_the_oracle(run_with_sft):
     assert sum(n.values()) == len(pairs)
     if n["chosen_shorter"] + n["chosen_longer"]:
         assert m["judge/chosen_shorter_fraction"] == n["chosen_shorter"] / (n["chosen_shorter"] + n["chosen_longer"])
+
+
+@pytest.mark.parametrize("main", [True, False])
+def test_reference_logps_bar_only_on_the_main_process(monkeypatch, main):
+    """Under a multi-process launch every process precomputes the reference log-probs; only the main process shows
+    the bar (docs/trainer.md: logs and progress bars come from the main process)."""
+    import spa.train as train_mod
+
+    seen = {}
+
+    def fake_score(model, items, pad_id, batch_size, impl, progress=None):
+        seen["progress"] = progress
+        return torch.zeros(len(items))
+
+    monkeypatch.setattr(train_mod, "score_sequences", fake_score)
+    monkeypatch.setattr(train_mod.dist, "is_main", lambda: main)
+    feats = [{"prompt_ids": [1], "chosen_ids": [2], "rejected_ids": [3]}]
+    train_mod.precompute_ref_logps(None, feats, 0, 4, "torch")
+    assert seen["progress"] == ("reference log-probs" if main else None) and feats[0]["ref_chosen"] == 0
