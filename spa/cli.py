@@ -229,9 +229,9 @@ def main(argv: list[str] | None = None) -> int:
 
         dist.init(cpu=resolve_device(cfg.model.device).type == "cpu")
         preflight(cfg, [name])
-        loop.check_prerequisites(cfg, stage)
         with loop.run_lock(cfg.output_dir):
             dist.agree(lambda: loop.check_config(cfg) if dist.is_main() else None, "the config check")
+            dist.agree(lambda: loop.check_prerequisites(cfg, stage) if dist.is_main() else None, "the inputs check")
             loop.run_stage(cfg, stage)
         dist.shutdown()
         return 0

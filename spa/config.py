@@ -261,7 +261,8 @@ class Config:
         origins = {}  # section.key -> the --set item that gave it, so an error names the override, not the file
         for item in overrides or []:
             _apply_override(data, item)
-            origins[item.split("=", 1)[0].strip()] = item
+            if source:  # with a file, say which errors come from an override rather than from the file
+                origins[item.split("=", 1)[0].strip()] = item
         try:
             return _build(cls, data, "", _Where(where, origins))
         except ConfigError:

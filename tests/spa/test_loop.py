@@ -164,12 +164,12 @@ def test_single_stages_from_the_cli(uninterrupted, tmp_path):
 
 def test_a_stage_alone_before_its_inputs_is_a_one_line_error(run_with_sft, task, tmp_path, capsys):
     """A single-stage command whose earlier stage has not run names that stage and the command that runs it, before
-    any compute and without touching output_dir (it used to end in a transformers traceback about a repo id)."""
+    any compute (it used to end in a transformers traceback about a repo id)."""
     fresh = tmp_path / "fresh.yaml"
     fresh.write_text(Config.from_dict(tiny_settings(task, str(tmp_path / "fresh"))).to_yaml())
     assert main(["generate", str(fresh), "--iteration", "1"]) == 2
     assert "iter_1/generate needs the output of sft" in capsys.readouterr().err
-    assert not os.path.exists(tmp_path / "fresh")
+    assert not os.path.exists(tmp_path / "fresh" / "iter_1")
     path = tmp_path / "c.yaml"
     path.write_text(run_with_sft.to_yaml())  # sft done, nothing else
     for argv, need, command in (
@@ -182,7 +182,7 @@ def test_a_stage_alone_before_its_inputs_is_a_one_line_error(run_with_sft, task,
         err = capsys.readouterr().err.strip()
         assert err.startswith("spa: error: ") and len(err.splitlines()) == 1, err
         assert f"needs the output of {need}" in err and f"`{command}`" in err
-    assert not os.path.exists(Layout(run_with_sft.output_dir).config)
+    assert not os.path.exists(os.path.join(run_with_sft.output_dir, "iter_0"))
 
 
 def test_changed_config_is_refused(uninterrupted, tmp_path, capsys):
