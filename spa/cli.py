@@ -8,7 +8,8 @@
     spa config [CONFIG.yaml] [--explain]                     print the resolved config (defaults + file + --set);
                                                              --explain: every key's type, default and meaning
     spa merge RUN_DIR --out DIR [--iteration I]              a LoRA run's adapter (model.peft) merged into pi_init:
-                                                             one full model folder (default: the returned model)
+                                                             one full model folder (default: the returned model;
+                                                             --overwrite replaces what DIR holds)
     spa --version
 
 Multi-process: `accelerate launch --num_processes N -m spa.cli run CONFIG.yaml` (spa.distributed).
@@ -124,7 +125,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("run_dir", help="the run's output_dir (holds config.yaml)")
     sp.add_argument("--iteration", type=int, help="which iteration's adapter (default: the model the run returns, "
                                                   "selected.json)")
-    sp.add_argument("--out", required=True, help="folder to write the merged model to")
+    sp.add_argument("--out", required=True, help="folder to write the merged model to (must not exist, or be "
+                                                 "empty, unless --overwrite)")
+    sp.add_argument("--overwrite", action="store_true", help="replace what --out holds")
     sp = sub.add_parser("demo", help="the built-in offline task end to end (3 seeds; --quick: 1 seed, shorter)")
     sp.add_argument("--quick", action="store_true", help="one seed, two SPA iterations (a few minutes on a CPU)")
     sp.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default: 0 1 2, or 0 with --quick)")
@@ -138,14 +141,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def merge_run(run_dir: str, iteration: int | None, out: str) -> str:
+def merge_run(run_dir: str, iteration: int | None, out: str, overwrite: bool = False) -> str:
     """`spa merge`: iteration's adapter of the run in run_dir (default: the selected one) merged into pi_init and
-    saved to out; returns out."""
+    saved to out; returns out. An out folder that holds anything is refused unless overwrite."""
     import json
 
     from .io import Layout, read_json
     from .lora import is_adapter, merge_adapter
 
+    if os.path.exists(out) and not overwrite and (not os.path.isdir(out) or os.listdir(out)):
+        raise ConfigError(f"--out {out} exists and is not empty: choose another folder, or pass --overwrite to "
+                          "replace it")
     lay = Layout(run_dir)
     if not os.path.exists(lay.config):
         raise ConfigError(f"{run_dir} is not a spa run directory: {lay.config} does not exist")
@@ -179,6 +185,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(cfg.to_yaml(), end="")
         return 0
+    if args.command not in ("demo", "merge"):  # a config error answers before the heavy imports
+        try:
+            cfg = Config.load(args.config, args.overrides) if args.config else Config.from_dict({}, args.overrides)
+        except ConfigError as e:
+            print(f"spa: error: {e}", file=sys.stderr)
+            return 2
     from . import distributed as dist
     from . import loop  # heavy imports (torch, transformers) after argument parsing
     from .io import OutputDirLocked
@@ -203,9 +215,8 @@ def main(argv: list[str] | None = None) -> int:
 
             if dist.is_distributed():
                 raise ConfigError("spa merge runs in one process: start it without accelerate launch / torchrun")
-            print(merge_run(args.run_dir, args.iteration, args.out))
+            print(merge_run(args.run_dir, args.iteration, args.out, args.overwrite))
             return 0
-        cfg = Config.load(args.config, args.overrides) if args.config else Config.from_dict({}, args.overrides)
         if args.command == "run":
             from .plots import plot_run
             from .report import run_summary

@@ -12,6 +12,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -176,6 +177,10 @@ def sharded(items: list, shard_size: int, folder: str, unit: str,
     os.makedirs(folder, exist_ok=True)
     starts = range(0, len(items), shard_size)
     paths = [os.path.join(folder, f"shard_{start // shard_size:05d}.jsonl") for start in starts]
+    done = sum(os.path.exists(p) for p in paths)
+    if done and dist.is_main():
+        logging.getLogger("spa").info("%s: resuming: %d of %d shards are done already (%s), %d to compute", unit,
+                                      done, len(paths), folder, len(paths) - done)
 
     def compute(index: int) -> list[dict]:
         start = index * shard_size

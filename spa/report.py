@@ -5,6 +5,8 @@ the run directory (metrics.json, <stage>_metrics.json, iter_<i>/train_log.jsonl)
 from __future__ import annotations
 
 import os
+import re
+import warnings
 
 # (metric, label, format) shown for a stage kind, when the stage recorded it
 STAGE_NUMBERS = {
@@ -56,7 +58,8 @@ def run_summary(output_dir: str, iterations: int, metrics: dict, plot: str | Non
     if selected:
         i = selected.get("iteration")
         model = lay.model(i) if i is not None else None
-        lines.append(f"returned model: {model}" + (f" ({selected['reason']})" if selected.get("reason") else ""))
+        why = re.sub(r"^returns iter_\d+/model ", "", selected.get("reason") or "")  # the path is said already
+        lines.append(f"returned model: {model} {why}".rstrip())
     else:
         last = max((i for i in range(iterations + 1) if os.path.exists(lay.model(i))), default=None)
         if last is not None:
@@ -93,6 +96,8 @@ def quiet_transformers() -> None:
         log = logging.getLogger(name)
         if _not_benign not in log.filters:
             log.addFilter(_not_benign)
+    # peft reads this deprecated transformers property on every adapter load: a warning the user cannot act on
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     quiet_deepspeed_on_cpu()
 
 

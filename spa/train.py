@@ -337,6 +337,27 @@ def _checkpoint_problem(folder: str) -> str | None:
     return None
 
 
+def uneven_last_batch(pairs: int, batch_size: int, world: int) -> str | None:
+    """Why a data-parallel run's training differs from one process's, or None: accelerate fills a short last global
+    batch with rows from the epoch's start where a single process trains on a smaller last batch."""
+    if world <= 1 or pairs % batch_size == 0:
+        return None
+    return (f"{pairs} pairs are not a multiple of train.batch_size {batch_size}: with {world} processes, accelerate "
+            f"fills the last batch of each epoch with {batch_size - pairs % batch_size} pairs from the epoch's start, "
+            "so training differs from a 1-process run (a pair count that is a multiple of the batch, e.g. through "
+            "data.seed_size, matches it)")
+
+
+def resumed_step(checkpoint: str | None, stage: str) -> int:
+    """The step a Trainer resumes from (0 without a checkpoint); says so on the console (main process)."""
+    if checkpoint is None:
+        return 0
+    step = int(os.path.basename(checkpoint).rsplit("-", 1)[1])
+    if dist.is_main():
+        logger.info("%s: resuming from %s (step %d)", stage, checkpoint, step)
+    return step
+
+
 def last_checkpoint(folder: str) -> str | None:
     """The newest complete Trainer checkpoint in folder. trainer_state.json is written last, so a checkpoint without
     it was being written when the run stopped and is skipped silently; one whose trainer_state.json does not parse
@@ -480,13 +501,22 @@ def run_train(cfg, iteration: int) -> str:
                          callbacks=[CrashPointCallback("train")])
     trainer.stage = f"{name}/train"
     quiet_progress(trainer, f"train {name}")
+    uneven = uneven_last_batch(len(feats), t.batch_size, trainer.accelerator.num_processes)
+    if uneven and dist.is_main():
+        logger.warning("%s/train: %s", name, uneven)
+    checkpoint = dist.broadcast(last_checkpoint(partial))
+    resumed_at = resumed_step(checkpoint, f"{name}/train")
     t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=dist.broadcast(last_checkpoint(partial)))
+    result = trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - t0
     tokens = sum(2 * len(f["prompt_ids"]) + len(f["chosen_ids"]) + len(f["rejected_ids"]) for f in feats)
+    # this session's share of the tokens: after a resume, the steps before the checkpoint were trained earlier
+    trained = (trainer.state.global_step - resumed_at) / max(trainer.state.global_step, 1)
     metrics = {**info, **counts, "train/pairs": len(feats), "train/loss_type": loss_type, "train/lam": lam,
-               "train/steps": trainer.state.global_step, "train/seconds_computed": seconds,
-               "train/tokens_per_s": tokens * epochs / max(result.metrics.get("train_runtime", seconds), 1e-9),
+               "train/steps": trainer.state.global_step, "train/resumed_from_step": resumed_at,
+               "train/seconds_computed": seconds,
+               "train/tokens_per_s": tokens * epochs * trained / max(result.metrics.get("train_runtime", seconds),
+                                                                     1e-9),
                **_summary(trainer.state.log_history, "train")}
     return _finish(trainer, tok, lay.model(iteration), partial, metrics, lay.stage_metrics(name, "train"),
                    lay.path(name, "train_log.jsonl"))
@@ -524,16 +554,23 @@ def run_sft(cfg) -> str:
     tok = load_tokenizer(tok_path, cfg.model.trust_remote_code)
     demos, stats = data_mod.load_demos(s.data, s.split, cfg.data.skip_invalid)
     enc = data_mod.PromptEncoder(tok, cfg.data.max_prompt_length, cfg.data.long_prompts, cfg.data.chat_template)
-    feats, cut = [], 0
+    feats, cut, too_long = [], 0, 0
     for d in demos:
         p = enc.encode(d["prompt"])
-        if p is None or len(p) >= s.max_length:
+        if p is None:  # longer than data.max_prompt_length: counted by the encoder (data/prompts_skipped_long)
+            continue
+        if len(p) >= s.max_length:  # no room for a single response token
+            too_long += 1
             continue
         r = enc.encode_response(d["response"])
         if len(p) + len(r) > s.max_length:
             cut += 1
             r = r[:s.max_length - len(p)]
         feats.append({"prompt_ids": p, "response_ids": r})
+    if not feats:
+        raise ValueError(f"sft: none of the {len(demos)} demonstrations of {s.data} fits: {too_long} prompts fill "
+                         f"sft.max_length {s.max_length}, the rest exceed data.max_prompt_length "
+                         f"{cfg.data.max_prompt_length} tokens")
     seed_everything(cfg.seed, "sft")
     device = resolve_device(cfg.model.device)
     if s.from_scratch is not None:
@@ -559,10 +596,15 @@ def run_sft(cfg) -> str:
         tok.pad_token_id), processing_class=tok, callbacks=[CrashPointCallback("sft")])
     trainer.stage = "sft"
     quiet_progress(trainer, "sft")
+    if too_long and dist.is_main():
+        logger.warning("sft: %d of %d demonstrations skipped: their prompt alone fills sft.max_length %d tokens",
+                       too_long, len(demos), s.max_length)
+    checkpoint = dist.broadcast(last_checkpoint(partial))
+    resumed_step(checkpoint, "sft")
     t0 = time.perf_counter()
-    trainer.train(resume_from_checkpoint=dist.broadcast(last_checkpoint(partial)))
+    trainer.train(resume_from_checkpoint=checkpoint)
     metrics = {**stats.as_metrics("data/sft"), **enc.metrics(), "sft/examples": len(feats),
-               "sft/parameters": parameters,
+               "sft/prompts_over_max_length": too_long, "sft/parameters": parameters,
                "sft/responses_truncated": cut, "sft/steps": trainer.state.global_step,
                "sft/seconds_computed": time.perf_counter() - t0, **_summary(trainer.state.log_history, "sft")}
     return _finish(trainer, tok, lay.sft_model, partial, metrics, lay.stage_metrics("sft", "sft"),

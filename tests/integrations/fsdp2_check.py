@@ -54,10 +54,13 @@ def main():
     mesh = init_device_mesh("cpu", (world,))
     for case in ("untied", "tied", "own_unit"):
         check(case, mesh, rank, world)
-    # every rank done before any tears down: a gloo pair closed while its peer still uses it aborts the process
-    # ("terminate called without an active exception") after the checks have passed
+    # Every rank is done; then leave without the C++ teardown: torch's gloo threads occasionally abort a process at
+    # exit ("terminate called without an active exception", SIGABRT) after every check has passed, even after a
+    # barrier and destroy_process_group (seen now and then in CI on 2 busy cores).
     dist.barrier()
-    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -168,6 +168,15 @@ def test_failure_on_one_process_stops_both(runs, task, tmp_path):
     assert not os.path.exists(os.path.join(folder, "run", "iter_1", "pairs.jsonl"))
 
 
+def test_uneven_last_batch_is_named():
+    from spa.train import uneven_last_batch
+
+    assert uneven_last_batch(8, 4, 2) is None and uneven_last_batch(75, 8, 1) is None
+    assert uneven_last_batch(75, 8, 2).startswith("75 pairs are not a multiple of train.batch_size 8: with 2 "
+                                                  "processes, accelerate fills the last batch of each epoch with 5 "
+                                                  "pairs from the epoch's start")
+
+
 def test_noise_detector_sees_every_process_margins():
     """With several processes, every process flags the noisy pairs of the whole step (the gathered margins, in rank
     order), exactly as one process on the global batch would, and keeps its own rows."""

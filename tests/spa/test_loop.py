@@ -24,12 +24,13 @@ TIMING = ("seconds", "tokens_per_s", "_computed", "train_runtime", "samples_per_
 
 def _results(output_dir: str) -> dict:
     """Everything a run produced that must not depend on interruptions: pairs, samples, evaluations and the stages'
-    metrics without timings."""
+    metrics without timings and without where a resumed training started (train/resumed_from_step)."""
     lay = Layout(output_dir)
     out = {"samples": read_jsonl(lay.samples(1)), "pairs": read_jsonl(lay.pairs(1))}
     metrics = read_json(lay.metrics)
     for name, entry in metrics["stages"].items():
-        out[name] = {k: v for k, v in entry.items() if not any(t in k for t in TIMING)}
+        out[name] = {k: v for k, v in entry.items()
+                     if not any(t in k for t in TIMING) and k != "train/resumed_from_step"}
     for name, entry in metrics["eval"].items():
         out[f"eval {name}"] = {k: v for k, v in entry.items() if k != "model"}
     return out
@@ -246,6 +247,8 @@ def test_resume_after_sigkill_in_every_stage(uninterrupted, task, tmp_path):
     path.write_text(killed.to_yaml())
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     lay = Layout(killed.output_dir)
+    said = {}  # what the run after each kill said on the console
+    previous = None
     for crash in ("sft:1", "eval:1", "train:1", "generate:1", "judge:1", None):
         env.pop(CRASH_ENV, None)
         if crash:
@@ -254,12 +257,20 @@ def test_resume_after_sigkill_in_every_stage(uninterrupted, task, tmp_path):
                               text=True, timeout=600)
         expect = -signal.SIGKILL if crash else 0
         assert proc.returncode == expect, f"{crash}: {proc.stderr[-3000:]}"
+        said[previous] = proc.stderr
+        previous = crash
         if crash == "sft:1":
             assert os.path.isdir(os.path.join(lay.partial("sft", "train"), "checkpoint-2"))
             assert not os.path.exists(lay.sft_model)
+    assert f"sft: resuming from {lay.partial('sft', 'train')}/checkpoint-2 (step 2)" in said["sft:1"]
+    assert "eval: resuming: 1 of 2 shards are done already" in said["eval:1"]
+    assert "iter_0/train: resuming from " in said["train:1"] and "(step 2)" in said["train:1"]
+    assert "generate: resuming: 1 of 2 shards are done already" in said["generate:1"]
     stages = read_json(lay.metrics)["stages"]
     assert stages["iter_1/generate"]["generate/shards_computed"] == 1  # shard 0 was kept, not redone
     assert stages["iter_1/judge"]["judge/prompts"] == 8
+    assert stages["iter_0/train"].pop("train/resumed_from_step") == 2
+    assert read_json(Layout(cfg.output_dir).metrics)["stages"]["iter_0/train"]["train/resumed_from_step"] == 0
     got, want = _results(killed.output_dir), _results(cfg.output_dir)
     assert got.keys() == want.keys()
     for k in want:

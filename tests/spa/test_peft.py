@@ -245,6 +245,11 @@ def test_merge_gives_the_same_log_probs(peft_run, tmp_path, capsys):
     out2 = str(tmp_path / "selected")
     assert main(["merge", peft_run.output_dir, "--out", out2]) == 0
     assert os.path.exists(os.path.join(out2, "model.safetensors"))
+    # an existing model is never replaced silently
+    capsys.readouterr()
+    assert main(["merge", peft_run.output_dir, "--iteration", "0", "--out", out2]) == 2
+    assert f"--out {out2} exists and is not empty" in capsys.readouterr().err
+    assert main(["merge", peft_run.output_dir, "--iteration", "0", "--out", out2, "--overwrite"]) == 0
 
 
 def test_merge_is_float32_and_one_process(peft_run, tmp_path, capsys, monkeypatch):

@@ -32,7 +32,7 @@ def test_sft_stage_writes_a_hub_like_model(sft_run):
         == "<s><|user|>ab<|assistant|>"
     m = read_json(lay.stage_metrics("sft", "sft"))
     assert m["sft/steps"] == 4 and m["sft/examples"] == 96 and m["data/sft/rows"] == 96
-    assert m["sft/parameters"] == sum(p.numel() for p in model.parameters())
+    assert m["sft/parameters"] == sum(p.numel() for p in model.parameters()) and m["sft/prompts_over_max_length"] == 0
     assert len(read_jsonl(lay.path("sft", "sft_log.jsonl"))) >= 1
     assert not os.path.exists(lay.partial("sft", "train"))  # checkpoints are removed once the model is saved
 

@@ -99,6 +99,7 @@ def test_own_task_from_a_directory(tmp_path):
     for stage in ("iter_0/train: done in", "iter_1/judge: done in", "iter_1/eval: done in"):
         assert stage in err
     assert "win rate vs SFT" in out and "SPA iter 1" in out and "returned model: run/iter_" in out
+    assert "(returns iter_" not in out  # the path is not said twice
     assert "plot: run/results.png" in out
     with open(tmp_path / "run" / "results.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -142,12 +143,21 @@ def test_data_chars_refuses_a_missing_data_file(tmp_path):
         data_chars(str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"))
 
 
-def test_help_and_version_do_not_import_torch():
+def test_help_and_version_do_not_import_torch(tmp_path):
     code = ("import sys\nfrom spa.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
             "print('HEAVY', sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": REPO}, capture_output=True,
                        text=True, timeout=120)
     assert "HEAVY []" in r.stdout and "usage: spa" in r.stdout and "demo" in r.stdout
+    # a config error answers at once too, before torch and transformers are imported
+    (tmp_path / "c.yaml").write_text("output_dir: run\n")
+    code = (f"import sys\nfrom spa.cli import main\nrc = main(['run', {str(tmp_path / 'c.yaml')!r}, '--set', "
+            "'train.bta=1'])\nprint('RC', rc, 'HEAVY', sorted(m for m in ('torch', 'transformers') "
+            "if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": REPO}, capture_output=True,
+                       text=True, timeout=120)
+    assert "RC 2 HEAVY []" in r.stdout and "spa: error: unknown key train.bta in --set train.bta=1" in r.stderr, \
+        r.stdout + r.stderr
     r = subprocess.run([sys.executable, "-m", "spa.cli", "--version"], env={**os.environ, "PYTHONPATH": REPO},
                        capture_output=True, text=True, timeout=120)
     import spa
