@@ -107,10 +107,19 @@ def check_config(cfg: Config) -> None:
             pass
         stored.pop("output_dir", None)
         changes = diff(stored, mine)
+        old_n, new_n = stored.get("loop", {}).get("iterations"), mine["loop"]["iterations"]
+        if changes == [f"loop.iterations: {old_n!r} -> {new_n!r}"] and isinstance(old_n, int) and new_n > old_n:
+            # more iterations: nothing done so far depends on their number (each iteration's prompts are its own
+            # slice of the pool, or its own file), so the run goes on from where it ended
+            logger.info("%s: extending the run from %d to %d iterations (loop.iterations)", cfg.output_dir, old_n,
+                        new_n)
+            atomic_write_text(lay.config, cfg.to_yaml())
+            return
         if changes:
             raise ConfigMismatch(
                 f"{cfg.output_dir} holds a run made with a different config ({lay.config}); changed: "
-                + "; ".join(changes) + ". Rerun with the stored config to resume, or use a new output_dir.")
+                + "; ".join(changes) + ". Rerun with the stored config to resume (a larger loop.iterations, and "
+                "nothing else changed, extends the run), or use a new output_dir.")
         return
     os.makedirs(cfg.output_dir, exist_ok=True)
     atomic_write_text(lay.config, cfg.to_yaml())

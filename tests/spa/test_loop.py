@@ -238,6 +238,32 @@ def test_config_stored_by_an_older_spa(uninterrupted, tmp_path):
         check_config(cfg)
 
 
+def test_a_finished_run_extends_to_more_iterations(run_with_sft, caplog):
+    """A larger loop.iterations, and nothing else changed, continues a finished run: the done iterations are kept
+    byte for byte, the new one runs, the stored config and the selection follow; fewer iterations are refused."""
+    import logging
+
+    cfg = run_with_sft.replace(**{"loop.patience": 5})  # no early stop: iteration 2 runs whatever 1 validated
+    lay = Layout(cfg.output_dir)
+    spa.run(cfg)
+    before = {p: open(p, "rb").read() for p in (lay.pairs(1), os.path.join(lay.model(1), "model.safetensors"),
+                                                lay.validation(1))}
+    assert not os.path.exists(lay.model(2))
+    more = cfg.replace(**{"loop.iterations": 2})
+    with caplog.at_level(logging.INFO, logger="spa"):
+        metrics = spa.run(more)
+    assert f"{cfg.output_dir}: extending the run from 1 to 2 iterations (loop.iterations)" in caplog.text
+    assert all(open(p, "rb").read() == b for p, b in before.items())
+    assert os.path.exists(lay.model(2)) and "iter_2/eval" in metrics["stages"]
+    assert Config.load(lay.config).loop.iterations == 2
+    assert set(read_json(lay.selected)["values"]) == {"0", "1", "2"}
+    with pytest.raises(ConfigMismatch, match=r"loop\.iterations: 2 -> 1\. Rerun .*\(a larger loop\.iterations, "
+                                             r"and nothing else changed, extends the run"):
+        spa.run(cfg)
+    with pytest.raises(ConfigMismatch, match=r"loop\.iterations: 2 -> 3; train\.beta: 0\.1 -> 0\.2"):
+        spa.run(more.replace(**{"loop.iterations": 3, "train.beta": 0.2}))
+
+
 def test_resume_after_sigkill_in_every_stage(uninterrupted, task, tmp_path):
     """The run is SIGKILLed in sft (after a checkpoint), the SFT model's eval (after a shard), the seed DPO (after a
     checkpoint), generate and judge (after a shard); each rerun continues, and the end equals the uninterrupted run."""
