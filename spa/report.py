@@ -107,7 +107,6 @@ def quiet_deepspeed_on_cpu() -> None:
     picks its CPU accelerator anyway; naming it (DS_ACCELERATOR=cpu, unless the user set one) does the same
     silently."""
     import importlib.util
-    import os
 
     if "DS_ACCELERATOR" in os.environ or importlib.util.find_spec("deepspeed") is None:
         return
