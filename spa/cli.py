@@ -211,8 +211,6 @@ def main(argv: list[str] | None = None) -> int:
                      paper_judge=args.paper_judge)
             return 0
         if args.command == "merge":
-            from . import distributed as dist
-
             if dist.is_distributed():
                 raise ConfigError("spa merge runs in one process: start it without accelerate launch / torchrun")
             print(merge_run(args.run_dir, args.iteration, args.out, args.overwrite))

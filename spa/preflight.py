@@ -78,33 +78,32 @@ def check_data_rows(cfg: Config, stages: list[str] | None = None) -> None:
     folders are loaded here too (datasets caches them for the stage)."""
     from . import data as data_mod
 
-    checks = []  # (key, source, loader)
-    if cfg.sft.data and (cfg.sft.enabled or stages is not None) \
-            and _planned(stages, lambda s: s == "sft"):
-        checks.append(("sft.data", cfg.sft.data, data_mod.load_demos))
+    def named(e: Exception, sources: dict[str, str | None]) -> ConfigError:
+        """The loader's message (it starts with the file) prefixed with the key that names that file."""
+        keys = [k for k, src in sources.items() if src and str(e).startswith(src)]
+        key = max(keys, key=lambda k: len(sources[k]), default=None)
+        return ConfigError(f"{key}: {e}" if key else str(e))
+
+    checks = []  # (key, source, split, loader)
+    if cfg.sft.data and (cfg.sft.enabled or stages is not None) and _planned(stages, lambda s: s == "sft"):
+        checks.append(("sft.data", cfg.sft.data, cfg.sft.split, data_mod.load_demos))
     if _planned(stages, lambda s: s.endswith("/eval")):
-        checks += [(key, source, loader) for key, source, loader in
-                   (("eval.prompts", cfg.eval.prompts, data_mod.load_prompts),
-                    ("eval.pairs", cfg.eval.pairs, data_mod.load_pairs)) if source]
-    iteration_sources = {"data.seed": cfg.data.seed, "data.prompts": cfg.data.prompts,
-                         **{f"data.iteration_prompt_files[{i}]": f
-                            for i, f in enumerate(cfg.data.iteration_prompt_files[:cfg.loop.iterations])}}
-    uses_pools = _planned(stages, lambda s: s.startswith("iter_") and not s.endswith("/eval"))
-    if uses_pools:
-        checks += [(key, source, data_mod.load_prompts if key != "data.seed" else data_mod.load_pairs)
-                   for key, source in iteration_sources.items() if source]
-    split = {"sft.data": cfg.sft.split, "eval.prompts": cfg.eval.prompts_split,
-             "eval.pairs": cfg.eval.pairs_split, "data.seed": cfg.data.seed_split}
-    for key, source, loader in checks:
+        evaluation = [("eval.prompts", cfg.eval.prompts, cfg.eval.prompts_split, data_mod.load_prompts),
+                      ("eval.pairs", cfg.eval.pairs, cfg.eval.pairs_split, data_mod.load_pairs)]
+        checks += [check for check in evaluation if check[1]]
+    for key, source, split, loader in checks:
         try:
-            loader(source, split.get(key, cfg.data.prompts_split), cfg.data.skip_invalid)
+            loader(source, split, cfg.data.skip_invalid)
         except data_mod.DataError as e:
-            raise ConfigError(f"{key}: {e}") from None
-    if uses_pools and cfg.data.seed:
+            raise named(e, {key: source}) from None
+    # the iterations' data, read once, exactly as the stages read it (the seed, then the pool or the prompt files)
+    if cfg.data.seed and _planned(stages, lambda s: s.startswith("iter_") and not s.endswith("/eval")):
+        sources = {"data.seed": cfg.data.seed, "data.prompts": cfg.data.prompts,
+                   **{f"data.iteration_prompt_files[{i}]": f for i, f in enumerate(cfg.data.iteration_prompt_files)}}
         try:
             data_mod.seed_and_pools(cfg)
         except data_mod.DataError as e:
-            raise ConfigError(str(e)) from None
+            raise named(e, sources) from None
 
 
 def check_model(cfg: Config, stages: list[str] | None = None):
