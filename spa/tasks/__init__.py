@@ -3,6 +3,9 @@
   reverse   reverse a word ("reverse: planet" -> "tenalp"; edit-distance credit)
   add       add two numbers ("add: 385+47" -> "432"; place-value credit)
   repeat    write a word N times ("repeat 3: cat" -> "cat cat cat"; counting credit)
+  spell     write a number in words ("spell: 2347" -> "two thousand three hundred forty seven"; word edit credit)
+  count     count a word's letters ("count: cabbage" -> "a2 b2 c1 e1 g1"; item credit, order bonus)
+  vowels    count a word's vowels ("vowels: banana" -> "3"; numeric-distance credit)
 
 `chartok`: the character-level tokenizer they use; `base`: what they share; `demo`: `spa demo`."""
 
@@ -10,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 
-TASK_NAMES = ("reverse", "add", "repeat")
+TASK_NAMES = ("reverse", "add", "repeat", "spell", "count", "vowels")
 
 
 def get_task(name: str):
