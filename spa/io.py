@@ -246,6 +246,9 @@ class Layout:
     def validation(self, i: int) -> str:
         return self.path(f"iter_{i}", "validation.json")
 
+    def validation_pairs(self, i: int) -> str:
+        return self.path(f"iter_{i}", "validation_pairs.json")
+
     @property
     def selected(self) -> str:
         return self.path("selected.json")

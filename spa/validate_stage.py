@@ -1,5 +1,6 @@
 """The validate stage: iteration i's model on the held-out gold seed pairs (spa.validation) ->
-output_dir/iter_<i>/validation.json."""
+output_dir/iter_<i>/validation.json (the metrics) and validation_pairs.json (the per-pair log-probs they are
+computed from)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from . import data as data_mod
 from . import distributed as dist
 from .io import Layout, atomic_write_json
 from .modeling import kernel_impl
-from .validation import model_validation, validation_rows
+from .validation import validation_metrics, validation_rows, validation_scores
 
 logger = logging.getLogger("spa")
 
@@ -33,8 +34,9 @@ def run_validate(cfg, iteration: int) -> str:
                          "data.validation_size or data.max_prompt_length")
     model = load_model(path, cfg, device)
     reference = reference_model(cfg, model, init_model_path(cfg), device)
-    metrics = model_validation(model, reference, enc, rows, cfg.train.beta, cfg.judge.batch_size,
-                               kernel_impl(cfg))
+    scores = validation_scores(model, reference, enc, rows, cfg.judge.batch_size, kernel_impl(cfg))
+    metrics = validation_metrics(scores, cfg.train.beta)
+    atomic_write_json(lay.validation_pairs(iteration), scores)  # before validation.json, the stage's done mark
     out = lay.validation(iteration)
     atomic_write_json(out, metrics)
     m = metrics

@@ -95,26 +95,43 @@ def warn_if_length_decides(chosen_shorter: float | None, pairs: int, iteration: 
 
 
 @torch.inference_mode()
-def model_validation(model, reference, enc: data_mod.PromptEncoder, rows: list[dict], beta: float,
-                     batch_size: int, impl: str) -> dict:
-    """val/... metrics of `model` on validation_rows (reference: pi_init)."""
+def validation_scores(model, reference, enc: data_mod.PromptEncoder, rows: list[dict], batch_size: int,
+                      impl: str) -> dict[str, list]:
+    """Per held-out pair (validation_rows' order): its id, the summed log-probs of the chosen and the rejected
+    response under `model` and under `reference` (pi_init), and their token counts. Every validation metric is a
+    mean over pairs of a function of these, so they are kept (iter_<i>/validation_pairs.json) for the uncertainty
+    of every metric and for paired comparisons between iterations."""
     from .modeling import score_sequences
 
     items = [(enc.encode(r["prompt"]), enc.encode_response(y)) for r in rows for y in r["responses"]]
     pad = enc.tokenizer.pad_token_id
-    lp = score_sequences(model, items, pad, batch_size, impl).double()
-    ref = score_sequences(reference, items, pad, batch_size, impl).double()
-    tokens = torch.tensor([len(y) for _, y in items], dtype=torch.float64)
-    reward = beta * (lp - ref)
-    rc, rr = reward[0::2], reward[1::2]
+    lp = score_sequences(model, items, pad, batch_size, impl).tolist()
+    ref = score_sequences(reference, items, pad, batch_size, impl).tolist()
+    tokens = [len(y) for _, y in items]
+    return {"id": [r["id"] for r in rows], "logp_chosen": lp[0::2], "logp_rejected": lp[1::2],
+            "ref_logp_chosen": ref[0::2], "ref_logp_rejected": ref[1::2], "tokens_chosen": tokens[0::2],
+            "tokens_rejected": tokens[1::2]}
+
+
+def validation_metrics(scores: dict[str, list], beta: float) -> dict:
+    """val/... metrics from validation_scores."""
+    t = {k: torch.tensor(v, dtype=torch.float64) for k, v in scores.items() if k != "id"}
+    rc = beta * (t["logp_chosen"] - t["ref_logp_chosen"])
+    rr = beta * (t["logp_rejected"] - t["ref_logp_rejected"])
     out = agreement(rc.tolist(), rr.tolist(), "val/reward_accuracy")
     out["val/reward_margin"] = (rc - rr).mean().item()
     out["val/dpo_loss"] = -torch.nn.functional.logsigmoid(rc - rr).mean().item()
-    out.update(agreement(lp[0::2].tolist(), lp[1::2].tolist(), "val/logp_accuracy"))
-    per_tok = lp / tokens
-    out.update(agreement(per_tok[0::2].tolist(), per_tok[1::2].tolist(), "val/logp_per_token_accuracy"))
-    out["val/chosen_logp_per_token"] = per_tok[0::2].mean().item()
+    out.update(agreement(t["logp_chosen"].tolist(), t["logp_rejected"].tolist(), "val/logp_accuracy"))
+    pc, pr = t["logp_chosen"] / t["tokens_chosen"], t["logp_rejected"] / t["tokens_rejected"]
+    out.update(agreement(pc.tolist(), pr.tolist(), "val/logp_per_token_accuracy"))
+    out["val/chosen_logp_per_token"] = pc.mean().item()
     return out
+
+
+def model_validation(model, reference, enc: data_mod.PromptEncoder, rows: list[dict], beta: float,
+                     batch_size: int, impl: str) -> dict:
+    """val/... metrics of `model` on validation_rows (reference: pi_init)."""
+    return validation_metrics(validation_scores(model, reference, enc, rows, batch_size, impl), beta)
 
 
 @dataclass
@@ -179,4 +196,4 @@ def select_iteration(cfg, last: int) -> Selection:
 
 __all__ = ["wilson_interval", "agreement", "validation_rows", "judge_validation", "warn_if_uninformative",
            "warn_if_length_decides",
-           "model_validation", "Selection", "choose_iteration", "select_iteration"]
+           "validation_scores", "validation_metrics", "model_validation", "Selection", "choose_iteration", "select_iteration"]
