@@ -60,7 +60,8 @@ def _first_seen(word: str, rng: random.Random) -> str:
 DEMONSTRATORS = (
     Demonstrator("careful", 0.40, "every letter with its count, in alphabetical order", lambda w, rng: target(w)),
     Demonstrator("miscount", 0.20, "one letter's count off by one", _miscount),
-    Demonstrator("missing", 0.15, "the list without its last item", lambda w, rng: " ".join(items(w)[:-1]) or target(w)),
+    Demonstrator("missing", 0.15, "the list without its last item (one item: all of it)",
+                 lambda w, rng: " ".join(items(w)[:-1]) or target(w)),
     Demonstrator("first_seen", 0.15, "the items in the order the letters first appear", _first_seen),
     Demonstrator("bare", 0.10, "the letters without their counts", lambda w, rng: " ".join(sorted(set(w)))),
 )
