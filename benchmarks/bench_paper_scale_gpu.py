@@ -5,14 +5,14 @@ A randomly initialised model with Mistral-7B's shapes (hidden 4096, 32 layers, M
 vocabulary 32000; the weights' values do not change the cost) in bfloat16 on one GPU, with random token ids:
   generate  model.generate as the generate stage calls it (64 prompts x 2 samples, temperature 0.7, prompts of
             --prompt-len tokens, exactly --new-tokens new tokens: min_new_tokens = max_new_tokens)
-  score     spa.modeling.score_sequences (the judge, reference precomputation and validation), batch 16
+  score     spa.scoring.score_sequences (the judge, reference precomputation and validation), batch 16
   train     one optimizer step of the train stage's loss (spa_kernels.integrations.hf, the fused head) on a
             per-device batch of --pairs pairs of --seq-len tokens each, gradient checkpointing on:
               full       all weights, bf16 weights + AdamW states (no fp32 master copy), reference precomputed
               full+dnd   the same with SPA's de-coupled noise detection: a second full model gives the reference
                          hidden states every step
               lora       LoRA r=16 on every linear layer of the blocks, reference precomputed
-              lora+dnd   the reference is the frozen "ref" adapter on the same base weights (spa.lora.AdapterView)
+              lora+dnd   the reference is the frozen "ref" adapter on the same base weights (spa.models.AdapterView)
 Times are the median of --reps steps after one warm-up (CUDA-synchronised wall clock); memory is
 torch.cuda.max_memory_allocated over the measured steps.
 
@@ -86,7 +86,7 @@ def main() -> None:
 
     from transformers import LlamaConfig, LlamaForCausalLM  # Mistral-7B without sliding window = Llama shapes
 
-    from spa.modeling import pad_sequences, score_sequences
+    from spa.scoring import pad_sequences, score_sequences
     from spa_kernels.integrations.hf import extrapolated_preference_logps, preference_loss_from_model
 
     dev = torch.device("cpu" if args.tiny else "cuda")
@@ -199,7 +199,7 @@ def main() -> None:
 
     from peft import LoraConfig, get_peft_model
 
-    from spa.lora import REFERENCE_ADAPTER, AdapterView
+    from spa.models import REFERENCE_ADAPTER, AdapterView
 
     model.requires_grad_(False)
     lora = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LINEAR,

@@ -60,7 +60,7 @@ def worker(args) -> None:
     from spa import Config
     from spa.cli import set_threads
     from spa.io import Layout, atomic_write_jsonl, read_jsonl
-    from spa.train import run_train
+    from spa.stages.train import run_train
 
     set_threads()
     with open(args.worker) as f:
@@ -93,9 +93,8 @@ def build_model(folder: str, spec: dict) -> tuple[str, str, int]:
     folder, pairs file, parameters)."""
     import torch
 
-    from spa.modeling import load_tokenizer
+    from spa.models import load_tokenizer, new_model
     from spa.tasks.demo import build_task
-    from spa.train import new_model
 
     task = build_task(os.path.join(folder, "task"))
     tok = load_tokenizer(task["tokenizer"])

@@ -53,8 +53,8 @@ VARIANTS = {
 
 
 def run_variants(folder: str, seeds: list[int], names: list[str]) -> tuple[list[dict], dict[str, list[str]]]:
-    from spa.eval import results_table
     from spa.loop import run
+    from spa.report import results_table
     from spa.tasks.demo import build_sft_model, build_task, demo_config
 
     task = build_task(folder)
@@ -112,7 +112,8 @@ def judge_study(run_dir: str, sft_model: str) -> list[dict]:
     from spa.data import PromptEncoder, prompt_text
     from spa.io import Layout, read_jsonl
     from spa.judges import ContrastivePromptJudge
-    from spa.modeling import load_causal_lm, load_tokenizer, score_sequences
+    from spa.models import load_causal_lm, load_tokenizer
+    from spa.scoring import score_sequences
     from spa.tasks import reverse
 
     cfg = Config.load(os.path.join(run_dir, "config.yaml"))
@@ -171,8 +172,7 @@ def mean_over_runs(rows: list[dict], key: str) -> list[dict]:
 def response_kinds(run_dir: str, iterations: int) -> list[dict]:
     """What each model's evaluation responses are (spa.tasks.reverse.error_kind), as fractions."""
     from spa.data import prompt_text
-    from spa.eval import eval_name
-    from spa.io import Layout, read_jsonl
+    from spa.io import Layout, eval_name, read_jsonl
     from spa.tasks import reverse
 
     lay = Layout(run_dir)

@@ -116,8 +116,8 @@ def run_all(folder: str, tasks, variants, seeds, quick: bool, jobs: int) -> None
 
 def collect(folder: str, tasks, variants, seeds, quick: bool) -> list[dict]:
     """One row per (task, variant, seed, model) from the finished runs."""
-    from spa.eval import results_table
     from spa.io import Layout, read_json
+    from spa.report import results_table
 
     rows = []
     for task in tasks:

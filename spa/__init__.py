@@ -18,9 +18,9 @@ import importlib
 
 __version__ = "0.1.0"
 
-_LAZY = {"Config": "config", "ConfigError": "config", "DataError": "data", "run_eval": "eval",
-         "run_generate": "generate", "run_judge": "judge_stage", "ConfigMismatch": "loop", "run": "loop",
-         "run_sft": "train", "run_train": "train", "run_validate": "validate_stage"}
+_LAZY = {"Config": "config", "ConfigError": "config", "DataError": "data", "run_eval": "stages.eval",
+         "run_generate": "stages.generate", "run_judge": "stages.judge", "ConfigMismatch": "loop", "run": "loop",
+         "run_sft": "stages.sft", "run_train": "stages.train", "run_validate": "stages.validate"}
 
 __all__ = ["Config", "ConfigError", "ConfigMismatch", "DataError", "__version__", "run", "run_eval", "run_generate",
            "run_judge", "run_sft", "run_train", "run_validate"]

@@ -147,7 +147,7 @@ def merge_run(run_dir: str, iteration: int | None, out: str, overwrite: bool = F
     import json
 
     from .io import Layout, read_json
-    from .lora import is_adapter, merge_adapter
+    from .models import is_adapter, merge_adapter
 
     if os.path.exists(out) and not overwrite and (not os.path.isdir(out) or os.listdir(out)):
         raise ConfigError(f"--out {out} exists and is not empty: choose another folder, or pass --overwrite to "
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     from .io import OutputDirLocked
     from .preflight import preflight
     from .report import quiet_transformers
-    from .train import NonFiniteError
+    from .trainer import NonFiniteError
 
     quiet_transformers()
     try:
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             name = f"iter_{args.iteration}/{args.command}"
         stage = loop.stage_by_name(cfg, name)
-        from .modeling import resolve_device
+        from .models import resolve_device
 
         dist.init(cpu=resolve_device(cfg.model.device).type == "cpu")
         preflight(cfg, [name])

@@ -9,7 +9,8 @@
         is tested; the same sampling parameters are passed, but its samples differ from the hf backend's (another
         sampler, another random stream), so runs with different backends are not comparable draw for draw.
 
-A backend returns token ids, not text: spa.generate decodes them the same way for every backend.
+A backend returns token ids, not text: generate_responses decodes them the same way for every backend (the
+generate stage, spa.stages.generate, and the eval stage sample through it).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from .io import derive_seed, seed_everything
+from .models import load_causal_lm
 
 BACKENDS = ("hf", "vllm")
 VLLM_EXTRA = "pip install 'spa[vllm]'"
@@ -154,12 +156,39 @@ def build_backend(gcfg, path: str, mcfg, tokenizer, device, model=None) -> Gener
     if gcfg.backend == "vllm":
         return VLLMBackend(path, mcfg, tokenizer.eos_token_id)
     if model is None:
-        from .modeling import load_causal_lm
-
         model = load_causal_lm(path, mcfg, device)
     return HFBackend(model, tokenizer.pad_token_id, tokenizer.eos_token_id, gcfg.batch_size, gcfg.use_cache,
                      gcfg.compile)
 
 
+def generate_responses(generator, tokenizer, prompts: list[list[int]], num_samples: int, *, temperature: float,
+                       top_p: float, max_new_tokens: int, seed_key: tuple, batch_size: int | None = None,
+                       progress: str | None = None) -> tuple[list[dict], dict]:
+    """num_samples responses for each tokenised prompt. `generator`: a spa.generation.GenerationBackend, or a
+    transformers causal LM, run with the hf backend in batches of `batch_size` prompts. The backend derives every
+    seed from seed_key, so the result depends only on the prompts and seed_key. temperature 0 = greedy.
+    Returns ([{responses, finished, num_tokens}], stats)."""
+    if isinstance(generator, torch.nn.Module):  # a transformers model: the hf backend
+        if batch_size is None:
+            raise ValueError("batch_size is needed to generate with a transformers model")
+        generator = HFBackend(generator, tokenizer.pad_token_id, tokenizer.eos_token_id, batch_size)
+    eos = tokenizer.eos_token_id
+    t0 = time.perf_counter()
+    params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+    token_ids = generator.generate(prompts, num_samples, params, seed_key, progress)
+    seconds = time.perf_counter() - t0
+    out, new_tokens = [], 0
+    for rows in token_ids:
+        texts, finished, counts = [], [], []
+        for toks in rows:
+            done = bool(toks) and toks[-1] == eos
+            texts.append(tokenizer.decode(toks[:-1] if done else toks, skip_special_tokens=True))
+            finished.append(done)
+            counts.append(len(toks))
+            new_tokens += len(toks)
+        out.append({"responses": texts, "finished": finished, "num_tokens": counts})
+    return out, {"new_tokens": new_tokens, "seconds": seconds, "tokens_per_s": new_tokens / max(seconds, 1e-9)}
+
+
 __all__ = ["BACKENDS", "GenerationBackend", "HFBackend", "SamplingParams", "VLLMBackend", "build_backend",
-           "check_backend", "import_vllm"]
+           "check_backend", "generate_responses", "import_vllm"]

@@ -265,3 +265,8 @@ class Layout:
 
     def partial(self, name: str, stage: str) -> str:
         return self.path(".partial", name, stage)
+
+
+def eval_name(iteration: int | None) -> str:
+    """The run-directory folder of a model's evaluation: sft, or iter_<i>."""
+    return "sft" if iteration is None else f"iter_{iteration}"

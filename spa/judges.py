@@ -16,7 +16,8 @@ also return REAL's response embeddings from the same forward pass. Length adjust
 place (adjust_for_length): judge.length_penalty subtracts length_penalty * response tokens (DICE-style), and
 judge.length_regress removes the least-squares linear fit of the scores on response tokens.
 
-The judge stage that applies them to an iteration's samples is spa.judge_stage.run_judge.
+The judge stage that applies them to an iteration's samples is spa.stages.judge.run_judge; the models they
+score with come from spa.models.
 """
 
 from __future__ import annotations
@@ -28,9 +29,16 @@ import torch
 
 from . import data as data_mod
 from .io import Layout
-from .lora import reference_model
-from .modeling import kernel_impl, load_model, load_tokenizer, resolve_device, score_sequences
+from .models import (
+    judge_reference_path,
+    load_model,
+    load_reward_model,
+    load_tokenizer,
+    reference_model,
+    resolve_device,
+)
 from .oracle import load_oracle
+from .scoring import kernel_impl, score_sequences
 
 logger = logging.getLogger("spa")
 
@@ -115,13 +123,7 @@ class RewardModelJudge:
     through the reward model's own chat template (plain 'prompt\\n\\nresponse' without one)."""
 
     def __init__(self, path: str, device, batch_size: int = 32, trust_remote_code: bool = False):
-        from transformers import AutoModelForSequenceClassification
-
-        self.tok = load_tokenizer(path, trust_remote_code)
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code)
-        if self.model.config.pad_token_id is None:
-            self.model.config.pad_token_id = self.tok.pad_token_id
-        self.model.to(device).eval()
+        self.model, self.tok = load_reward_model(path, device, trust_remote_code)
         self.batch_size = batch_size
 
     def _text(self, messages, response):
@@ -251,7 +253,7 @@ def judge_rows(judge, rows: list[dict], enc: data_mod.PromptEncoder, jcfg, embed
 def build_judge(cfg, iteration: int):
     """The configured judge for iteration i (>= 1): its policy is pi_{i-1}; the implicit judge's reference is pi_init
     (or, per judge.reference, pi_{i-2} or none); with model.peft the reference is a view of the policy's weights
-    (spa.lora.reference_model)."""
+    (spa.models.reference_model)."""
     lay = Layout(cfg.output_dir)
     device = resolve_device(cfg.model.device)
     j = cfg.judge
@@ -278,23 +280,5 @@ def build_judge(cfg, iteration: int):
     return LLMJudge(model, judge_enc, j.llm_template, j.llm_choices, j.batch_size, impl), enc
 
 
-def judge_reference_path(cfg, iteration: int) -> str:
-    """The implicit judge's reference model for iteration i: pi_init, or with judge.reference=previous the model
-    pi_{i-1} was trained from (pi_{i-2}; pi_init for i = 1)."""
-    if cfg.judge.reference == "previous" and iteration >= 2:
-        return Layout(cfg.output_dir).model(iteration - 2)
-    return init_model_path(cfg)
-
-
-def init_model_path(cfg) -> str:
-    """pi_init: the SFT stage's model when sft.enabled, else model.name_or_path."""
-    if cfg.sft.enabled:
-        return Layout(cfg.output_dir).sft_model
-    if not cfg.model.name_or_path:
-        raise ValueError("model.name_or_path is not set (and sft.enabled is false): pi_init is needed")
-    return cfg.model.name_or_path
-
-
 __all__ = ["ImplicitRewardJudge", "ContrastivePromptJudge", "RewardModelJudge", "LLMJudge", "FunctionJudge",
-           "adjust_for_length", "length_slope", "Judgment", "judge_rows", "build_judge", "init_model_path",
-           "judge_reference_path"]
+           "adjust_for_length", "length_slope", "Judgment", "judge_rows", "build_judge"]

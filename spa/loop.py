@@ -29,15 +29,16 @@ import yaml
 
 from . import distributed as dist
 from .config import Config, ConfigError, diff
-from .eval import eval_name, format_table, results_table, run_eval
-from .generate import run_generate
-from .io import Layout, atomic_write_json, atomic_write_text, output_dir_lock, read_json
-from .judge_stage import run_judge
-from .modeling import resolve_device
+from .io import Layout, atomic_write_json, atomic_write_text, eval_name, output_dir_lock, read_json
+from .models import resolve_device
 from .preflight import preflight
-from .report import stage_line
-from .train import run_sft, run_train
-from .validate_stage import run_validate
+from .report import format_table, results_table, stage_line
+from .stages.eval import run_eval
+from .stages.generate import run_generate
+from .stages.judge import run_judge
+from .stages.sft import run_sft
+from .stages.train import run_train
+from .stages.validate import run_validate
 from .validation import Selection, select_iteration
 
 logger = logging.getLogger("spa")

@@ -2,7 +2,7 @@
 and the validation reward accuracy, per model (SFT, DPO on the seed, each SPA iteration).
 
     spa.plots.plot_run("runs/x", iterations=3)          # runs/x/results.png (what `spa run` writes)
-    spa.plots.plot_results(rows, "results.png")         # rows: spa.eval.results_table(...) or the demo's mean_std
+    spa.plots.plot_results(rows, "results.png")         # rows: spa.report.results_table(...) or the demo's mean_std
 
 matplotlib is optional: without it nothing is drawn and a one-line warning says how to get it. The figure is drawn
 with the Agg canvas directly, so no GUI backend is needed and the caller's pyplot backend is left alone.
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
+
+from .report import results_table
 
 logger = logging.getLogger("spa")
 
@@ -61,9 +63,7 @@ def plot_results(rows: list[dict], path: str, title: str | None = None) -> str |
 
 
 def plot_run(output_dir: str, iterations: int) -> str | None:
-    """output_dir/results.png from the run's evaluation (spa.eval.results_table); None when nothing to draw."""
-    from .eval import results_table
-
+    """output_dir/results.png from the run's evaluation (spa.report.results_table); None when nothing to draw."""
     rows = results_table(output_dir, iterations)
     return plot_results(rows, os.path.join(output_dir, "results.png"),
                         title=f"{os.path.basename(os.path.abspath(output_dir))}: results per model") if rows else None

@@ -8,6 +8,9 @@ import os
 import re
 import warnings
 
+from .io import Layout, eval_name, read_json
+from .validation import model_label
+
 # (metric, label, format) shown for a stage kind, when the stage recorded it
 STAGE_NUMBERS = {
     "sft": (("sft/final_loss", "loss", ".3f"), ("sft/examples", "examples", "d"), ("sft/steps", "steps", "d"),
@@ -43,12 +46,54 @@ def stage_line(name: str, metrics: dict, seconds: float | None = None) -> str:
     return f"{name}: done{took}" + (": " + ", ".join(parts) if parts else "")
 
 
+def results_table(output_dir: str, iterations: int) -> list[dict]:
+    """One row per evaluated model: SFT, DPO on the seed (iter_0), SPA iterations. `val_acc`: the model's reward
+    accuracy on the held-out seed pairs (val/reward_accuracy); `judge_val_acc`: the iteration's judge on those pairs
+    (judge/validation_accuracy); `judge_acc`: how often the iteration's self-judgment chose what the oracle prefers
+    on the model's own samples (judge/oracle_accuracy, when eval.oracle is set; oracle ties count 1/2);
+    `selected`: the model the run returns (selected.json)."""
+    lay = Layout(output_dir)
+    selected = read_json(lay.selected)["iteration"] if os.path.exists(lay.selected) else None
+    rows = []
+    for i in [None] + list(range(iterations + 1)):
+        path = lay.eval(eval_name(i))
+        try:
+            r = read_json(path)
+        except FileNotFoundError:
+            continue
+        judge_path = lay.stage_metrics(eval_name(i), "judge")
+        judge = read_json(judge_path) if i and os.path.exists(judge_path) else {}
+        val = read_json(lay.validation(i)) if i is not None and os.path.exists(lay.validation(i)) else {}
+        rows.append({"model": "SFT" if i is None else model_label(i), "iteration": i,
+                     "win_rate": r.get("eval/win_rate_vs_sft"),
+                     "score": r.get("eval/mean_score"), "exact": r.get("eval/exact_rate"),
+                     "length": r.get("eval/mean_tokens"), "reward_acc": r.get("eval/reward_accuracy"),
+                     "val_acc": val.get("val/reward_accuracy"), "judge_val_acc": judge.get("judge/validation_accuracy"),
+                     "judge_acc": judge.get("judge/oracle_accuracy"), "selected": i is not None and i == selected})
+    return rows
+
+
+COLUMNS = (("win_rate", "win rate vs SFT", 3), ("score", "oracle score", 3), ("exact", "exact", 3),
+           ("length", "length", 1), ("reward_acc", "reward acc", 3), ("val_acc", "val acc", 3),
+           ("judge_val_acc", "judge val acc", 3), ("judge_acc", "judge acc", 3))
+
+
+def format_table(rows: list[dict], title: str | None = None) -> str:
+    """The results table; the returned model is marked with '*'."""
+    fmt = lambda v, p: "-" if v is None else (v if isinstance(v, str) else f"{v:.{p}f}")
+    head = f"{'model':<15}" + "".join(f" {name:>{max(len(name), 6)}}" for _, name, _ in COLUMNS)
+    lines = ([title] if title else []) + [head, "-" * len(head)]
+    for r in rows:
+        label = r["model"] + (" *" if r.get("selected") else "")
+        lines.append(f"{label:<15}" + "".join(f" {fmt(r.get(k), p):>{max(len(name), 6)}}" for k, name, p in COLUMNS))
+    if any(r.get("selected") for r in rows):
+        lines.append("* the model the run returns (selected.json says why)")
+    return "\n".join(lines)
+
+
 def run_summary(output_dir: str, iterations: int, metrics: dict, plot: str | None = None) -> str:
     """The closing lines of `spa run`: the results table (when anything was evaluated), which model the run
     returns and why, and where the results and the plot are."""
-    from .eval import format_table, results_table
-    from .io import Layout
-
     lines = []
     rows = results_table(output_dir, iterations)
     if rows:

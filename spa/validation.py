@@ -3,7 +3,7 @@ run returns.
 
 The seed's gold pairs are the only gold signal a run has, so data.validation_size of them are held out of training
 (spa.data.seed_and_pools). On these pairs:
-  - every iteration's model pi_i is measured (the `validate` stage, spa.validate_stage.run_validate, writes
+  - every iteration's model pi_i is measured (the `validate` stage, spa.stages.validate.run_validate, writes
     iter_<i>/validation.json): its implicit reward
     beta * (log pi_i(y|x) - log pi_init(y|x)) with the fixed reference pi_init, so that all iterations are on one
     scale: accuracy (chosen scored above rejected, ties 1/2, with a 95% Wilson interval), mean reward margin, and
@@ -29,6 +29,7 @@ import torch
 from . import data as data_mod
 from .io import Layout, read_json
 from .oracle import pairwise_win
+from .scoring import score_sequences
 
 logger = logging.getLogger("spa")
 
@@ -101,8 +102,6 @@ def validation_scores(model, reference, enc: data_mod.PromptEncoder, rows: list[
     response under `model` and under `reference` (pi_init), and their token counts. Every validation metric is a
     mean over pairs of a function of these, so they are kept (iter_<i>/validation_pairs.json) for the uncertainty
     of every metric and for paired comparisons between iterations."""
-    from .modeling import score_sequences
-
     items = [(enc.encode(r["prompt"]), enc.encode_response(y)) for r in rows for y in r["responses"]]
     pad = enc.tokenizer.pad_token_id
     lp = score_sequences(model, items, pad, batch_size, impl).tolist()
@@ -195,5 +194,5 @@ def select_iteration(cfg, last: int) -> Selection:
 
 
 __all__ = ["wilson_interval", "agreement", "validation_rows", "judge_validation", "warn_if_uninformative",
-           "warn_if_length_decides",
-           "validation_scores", "validation_metrics", "model_validation", "Selection", "choose_iteration", "select_iteration"]
+           "warn_if_length_decides", "validation_scores", "validation_metrics", "model_validation", "Selection",
+           "choose_iteration", "select_iteration"]

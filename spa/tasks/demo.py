@@ -34,9 +34,9 @@ from importlib import resources
 import yaml
 
 from ..config import Config
-from ..eval import format_table, results_table
 from ..io import atomic_dir, atomic_write_json, atomic_write_jsonl, commit_dir, read_json
 from ..plots import plot_results
+from ..report import format_table, results_table
 from . import TASK_NAMES, get_task
 from .chartok import char_tokenizer
 

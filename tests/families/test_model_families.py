@@ -1,5 +1,5 @@
 """Every model family's head, through the one head path: the sequence log-probs of the `spa` trainer (judge /
-eval / validation scoring: spa.modeling.score_sequences; training: SPATrainer) and of the drop-in
+eval / validation scoring: spa.scoring.score_sequences; training: SPATrainer) and of the drop-in
 (spa_kernels.integrations.hf.sequence_logprobs) equal the model's own forward + log_softmax (float64 of its
 float32 logits), on every implementation that runs here. Tiny models built from configs with random weights (no
 download). Under TRITON_INTERPRET=1 the triton implementation runs too."""
@@ -12,8 +12,8 @@ import torch
 import transformers
 from transformers import TrainingArguments
 
-from spa.modeling import pad_sequences, score_sequences
-from spa.train import SPATrainer
+from spa.scoring import pad_sequences, score_sequences
+from spa.trainer import SPATrainer
 from spa_kernels import _dispatch
 from spa_kernels.integrations._lm_head import logit_scale_and_softcap
 from spa_kernels.integrations.hf import sequence_logprobs

@@ -6,7 +6,7 @@ once as a plain single process with the same global batch, and compares the weig
         --per-device-batch 2 --out /tmp/w2.pt
     python tests/integrations/dist_train.py --driver trl --per-device-batch 4 --out /tmp/w1.pt
 
-Drivers: trl, hf (the drop-in trainers), spa and spa-dnd (the spa trainer, spa.train.SPATrainer); another trainer
+Drivers: trl, hf (the drop-in trainers), spa and spa-dnd (the spa trainer, spa.trainer.SPATrainer); another trainer
 is one more entry in DRIVERS: a function (options) -> a transformers Trainer ready to .train().
 """
 
@@ -66,16 +66,16 @@ def hf_driver(opts):
 
 
 def _spa_trainer(opts, dnd: bool):
-    """spa.s own trainer (spa.train.SPATrainer) on the same pairs: without DND the reference log-probs are
+    """spa.s own trainer (spa.trainer.SPATrainer) on the same pairs: without DND the reference log-probs are
     precomputed (the seed-DPO path); with DND (lam 1/2) the reference model runs every step. refine_warmup=1.0
     keeps the label-flip weight a at 0: the noisy-pair window is per process, so only a = 0 makes one process and
     two comparable, and then the SPA loss equals DPO's through the extrapolated-logit kernel."""
     from transformers import TrainingArguments
 
     from spa.data import PromptEncoder
-    from spa.modeling import score_sequences
     from spa.refine import NoiseDetector
-    from spa.train import ListDataset, PairCollator, SPATrainer, tokenize_pairs
+    from spa.scoring import score_sequences
+    from spa.trainer import ListDataset, PairCollator, SPATrainer, tokenize_pairs
 
     tokenizer, policy, ref = models()
     enc = PromptEncoder(tokenizer, 10 ** 6, chat_template="none")

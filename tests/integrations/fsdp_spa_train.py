@@ -1,9 +1,10 @@
-"""Run with `torchrun --nproc_per_node 2` (CPU, gloo): the `spa` train stage's loss (spa.train.SPATrainer.compute_loss,
-through the one head path) on a policy sharded with FSDP2 (fully_shard: each decoder layer, the lm_head as its own
-unit, the root) trains to the same weights as the unsharded model on the whole batch in one process. Three SGD
-steps of 2 pairs per rank (4 per step in all), for DPO with precomputed reference log-probs ("sigmoid") and for the
-SPA loss with de-coupled noise detection ("spa-dnd": the unsharded reference model runs every step). Prints
-"FSDP SPA OK <case>" per case and rank; any mismatch raises. tests/integrations/test_multiprocess.py runs it.
+"""Run with `torchrun --nproc_per_node 2` (CPU, gloo): the `spa` train stage's loss
+(spa.trainer.SPATrainer.compute_loss, through the one head path) on a policy sharded with FSDP2 (fully_shard: each
+decoder layer, the lm_head as its own unit, the root) trains to the same weights as the unsharded model on the whole
+batch in one process. Three SGD steps of 2 pairs per rank (4 per step in all), for DPO with precomputed reference
+log-probs ("sigmoid") and for the SPA loss with de-coupled noise detection ("spa-dnd": the unsharded reference model
+runs every step). Prints "FSDP SPA OK <case>" per case and rank; any mismatch raises.
+tests/integrations/test_multiprocess.py runs it.
 
 transformers.Trainer / accelerate run FSDP on GPUs only (accelerate turns a multi-CPU launch into DDP), so the
 optimizer loop here is a plain SGD loop around the trainer's compute_loss."""
@@ -30,8 +31,8 @@ STEPS, PER_RANK, LR = 3, 2, 0.5
 
 def features(tokenizer, ref):
     from spa.data import PromptEncoder
-    from spa.modeling import score_sequences
-    from spa.train import tokenize_pairs
+    from spa.scoring import score_sequences
+    from spa.trainer import tokenize_pairs
 
     enc = PromptEncoder(tokenizer, 10 ** 6, chat_template="none")
     pairs = [{"prompt": [{"role": "user", "content": r["prompt"]}], "chosen": r["chosen"], "rejected": r["rejected"]}
@@ -49,7 +50,7 @@ def check(case, mesh, rank, world, out_dir):
     from transformers import TrainingArguments
 
     from spa.refine import NoiseDetector
-    from spa.train import PairCollator, SPATrainer
+    from spa.trainer import PairCollator, SPATrainer
 
     tokenizer, policy, ref = models()
     feats = features(tokenizer, ref)

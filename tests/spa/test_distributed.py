@@ -169,7 +169,7 @@ def test_failure_on_one_process_stops_both(runs, task, tmp_path):
 
 
 def test_uneven_last_batch_is_named():
-    from spa.train import uneven_last_batch
+    from spa.trainer import uneven_last_batch
 
     assert uneven_last_batch(8, 4, 2) is None and uneven_last_batch(75, 8, 1) is None
     assert uneven_last_batch(75, 8, 2).startswith("75 pairs are not a multiple of train.batch_size 8: with 2 "
@@ -185,7 +185,7 @@ def test_noise_detector_sees_every_process_margins():
     import torch
 
     from spa.refine import NoiseDetector
-    from spa.train import SPATrainer
+    from spa.trainer import SPATrainer
 
     margins = torch.tensor([0.9, 0.8, 0.7, 0.6, -0.5, -0.4, 0.3, 0.2])  # rank 1's rows hold the low margins
     world = 2

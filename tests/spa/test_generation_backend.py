@@ -6,8 +6,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from spa import Config
 from spa.config import ConfigError
 from spa.data import PromptEncoder
-from spa.generate import generate_responses
-from spa.generation import HFBackend, SamplingParams, VLLMBackend
+from spa.generation import HFBackend, SamplingParams, VLLMBackend, generate_responses
 from spa.io import Layout
 from spa.preflight import preflight
 

@@ -12,8 +12,8 @@ import pytest
 import spa
 from spa import Config, ConfigMismatch
 from spa.cli import main
-from spa.eval import results_table
 from spa.io import CRASH_ENV, Layout, read_json, read_jsonl
+from spa.report import results_table
 
 from .conftest import tiny_settings
 
@@ -80,7 +80,7 @@ def test_validation_values(uninterrupted):
 
     from spa.data import PromptEncoder, seed_and_pools
     from spa.judges import ImplicitRewardJudge
-    from spa.modeling import load_causal_lm, load_tokenizer
+    from spa.models import load_causal_lm, load_tokenizer
     from spa.oracle import pairwise_win
     from spa.validation import wilson_interval
 
@@ -341,7 +341,7 @@ def test_demo_ablations_judge_study(uninterrupted):
 
     from spa.data import PromptEncoder, prompt_text
     from spa.judges import ImplicitRewardJudge
-    from spa.modeling import load_causal_lm, load_tokenizer
+    from spa.models import load_causal_lm, load_tokenizer
     from spa.tasks.reverse import ERROR_KINDS, oracle
 
     spec = importlib.util.spec_from_file_location("demo_ablations", os.path.join(ROOT, "benchmarks",

@@ -23,7 +23,7 @@ from spa.judges import (
 )
 from spa.refine import NoiseDetector, lam_for_iteration, refine_alpha
 from spa.select import select_pair, two_means
-from spa.train import PairCollator, SPATrainer, tokenize_pairs
+from spa.trainer import PairCollator, SPATrainer, tokenize_pairs
 
 from .test_stages import ref_logps
 
@@ -124,7 +124,7 @@ def test_implicit_reward_judge(models):
 def test_implicit_reward_judge_reference_choices(models, tmp_path):
     """judge.reference (the paper's ablation): none scores beta * log pi_{i-1}; previous uses pi_{i-2} from i = 2."""
     from spa import Config
-    from spa.judges import judge_reference_path
+    from spa.models import judge_reference_path
 
     tok, policy, _ = models
     enc = PromptEncoder(tok, 32)

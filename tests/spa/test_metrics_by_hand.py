@@ -18,8 +18,8 @@ from transformers import AutoModelForCausalLM, TrainingArguments
 import spa
 from spa.data import PromptEncoder, load_pairs, load_prompts, prompt_text
 from spa.io import Layout, atomic_write_jsonl, read_json
-from spa.modeling import load_tokenizer
-from spa.train import PairCollator, SPATrainer, tokenize_pairs
+from spa.models import load_tokenizer
+from spa.trainer import PairCollator, SPATrainer, tokenize_pairs
 from spa.validation import validation_rows
 
 from .test_stages import ref_logps
@@ -76,7 +76,7 @@ def test_eval_metrics_by_hand(run_with_sft, monkeypatch, task):
         return [{"responses": r, "finished": [True] * len(r), "num_tokens": [len(y) + 1 for y in r]}
                 for r in res], {}
 
-    monkeypatch.setattr("spa.eval.generate_responses", fake_generate)
+    monkeypatch.setattr("spa.stages.eval.generate_responses", fake_generate)
     e = read_json(spa.run_eval(cfg, 0))
     s = read_json(lay.eval("sft"))
     # by hand: wins (b>a, b=b, e>c, f<d, b>a, a=a) = (1, .5, 1, 0, 1, .5); scores as in ORACLE

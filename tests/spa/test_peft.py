@@ -15,16 +15,19 @@ from safetensors.torch import load_file
 from spa import Config, ConfigError
 from spa.cli import main
 from spa.io import CRASH_ENV, Layout, read_json, read_jsonl
-from spa.judges import init_model_path
-from spa.lora import (
+from spa.models import (
     REFERENCE_ADAPTER,
     AdapterView,
+    init_model_path,
     is_adapter,
+    load_causal_lm,
+    load_model,
+    load_tokenizer,
     reference_model,
     training_policy,
     training_reference,
 )
-from spa.modeling import load_causal_lm, load_model, load_tokenizer, score_sequences
+from spa.scoring import score_sequences
 
 from .conftest import tiny_settings
 from .test_loop import ROOT, _results
@@ -256,7 +259,7 @@ def test_merge_is_float32_and_one_process(peft_run, tmp_path, capsys, monkeypatc
     """The merge is done in float32 whatever model.dtype says (bf16 weights would round a small update away)."""
     import dataclasses
 
-    from spa.lora import merge_adapter
+    from spa.models import merge_adapter
 
     lay = Layout(peft_run.output_dir)
     cfg = dataclasses.replace(peft_run, model=dataclasses.replace(peft_run.model, dtype="bfloat16"))

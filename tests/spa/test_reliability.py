@@ -116,7 +116,8 @@ def whole_seed(run_with_sft):
     return run_with_sft.replace(**{"data.validation_size": 0})
 
 def test_exploding_seed_dpo_stops_without_committing(whole_seed, tmp_path, capsys):
-    from spa.train import NonFiniteError, run_train
+    from spa.stages.train import run_train
+    from spa.trainer import NonFiniteError
 
     cfg = whole_seed.replace(**{"train.learning_rate": 1e30})  # one Adam step of 1e30 overflows the next forward
     lay = Layout(cfg.output_dir)
@@ -137,7 +138,8 @@ def test_exploding_seed_dpo_stops_without_committing(whole_seed, tmp_path, capsy
 
 
 def test_nan_loss_names_the_step(whole_seed, monkeypatch):
-    from spa.train import NonFiniteError, SPATrainer, run_train
+    from spa.stages.train import run_train
+    from spa.trainer import NonFiniteError, SPATrainer
 
     compute_loss = SPATrainer.compute_loss
 
@@ -152,7 +154,8 @@ def test_nan_loss_names_the_step(whole_seed, monkeypatch):
 
 
 def test_exploding_sft_stops_without_committing(tiny_cfg):
-    from spa.train import NonFiniteError, run_sft
+    from spa.stages.sft import run_sft
+    from spa.trainer import NonFiniteError
 
     cfg = tiny_cfg.replace(**{"sft.learning_rate": 1e30})
     with pytest.raises(NonFiniteError, match=r"^sft: non-finite .* at step \d of 4"):
@@ -164,7 +167,8 @@ def test_non_finite_weights_are_never_committed(whole_seed, monkeypatch):
     """Weights that turn NaN without a non-finite loss (here: after the last step) are caught before the commit."""
     import torch
 
-    from spa.train import NonFiniteError, SPATrainer, run_train
+    from spa.stages.train import run_train
+    from spa.trainer import NonFiniteError, SPATrainer
 
     train = SPATrainer.train
 
@@ -186,8 +190,8 @@ def test_non_finite_weights_are_never_committed(whole_seed, monkeypatch):
 def test_damaged_newest_checkpoint_is_skipped(whole_seed, monkeypatch, caplog):
     """An interrupted seed DPO leaves checkpoint-2 and checkpoint-4; checkpoint-4's trainer_state.json is then
     emptied (as a crash while writing it leaves it): the rerun warns and resumes from checkpoint-2."""
-    import spa.train
-    from spa.train import run_train
+    import spa.trainer
+    from spa.stages.train import run_train
 
     saves = []
 
@@ -196,7 +200,7 @@ def test_damaged_newest_checkpoint_is_skipped(whole_seed, monkeypatch, caplog):
         if len(saves) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(spa.train, "crash_point", interrupt_at_second_save)
+    monkeypatch.setattr(spa.trainer, "crash_point", interrupt_at_second_save)
     with pytest.raises(KeyboardInterrupt):
         run_train(whole_seed, 0)
     monkeypatch.undo()
@@ -211,7 +215,7 @@ def test_damaged_newest_checkpoint_is_skipped(whole_seed, monkeypatch, caplog):
 
 
 def test_last_checkpoint_choice(tmp_path, caplog):
-    from spa.train import last_checkpoint
+    from spa.trainer import last_checkpoint
 
     def checkpoint(step, state='{"global_step": 1}', weights=True):
         d = tmp_path / f"checkpoint-{step}"

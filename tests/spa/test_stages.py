@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import spa
 from spa.data import PromptEncoder
-from spa.generate import generate_responses
+from spa.generation import generate_responses
 from spa.io import Layout, read_json, read_jsonl
 from spa.tasks.reverse import oracle
 
@@ -200,7 +200,7 @@ def test_function_judge_orients_pairs_by_the_oracle(run_with_sft):
 def test_reference_logps_bar_only_on_the_main_process(monkeypatch, main):
     """Under a multi-process launch every process precomputes the reference log-probs; only the main process shows
     the bar (docs/trainer.md: logs and progress bars come from the main process)."""
-    import spa.train as train_mod
+    import spa.stages.train as train_mod
 
     seen = {}
 

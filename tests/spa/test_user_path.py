@@ -261,7 +261,7 @@ def test_resume_of_a_tied_model_does_not_warn_missing_keys(tmp_path):
     import torch
     from transformers.utils import logging as hf_logging
 
-    from spa.train import ListDataset, SFTCollator, SFTTrainer, tied_parameter_names
+    from spa.trainer import ListDataset, SFTCollator, SFTTrainer, tied_parameter_names
     from tests.toy import tiny_llama
 
     tok = char_tokenizer()

@@ -17,14 +17,15 @@ import time
 
 import torch
 
-from . import data as data_mod
-from . import distributed as dist
-from .io import Layout, atomic_write_json, atomic_write_jsonl, read_jsonl, remove_partial, sharded
-from .judges import ImplicitRewardJudge, build_judge, flatten_responses, judge_rows
-from .modeling import kernel_impl, load_model, resolve_device, score_sequences
-from .oracle import load_oracle, pairwise_win
-from .select import NEEDS_EMBEDDINGS, select_pair
-from .validation import judge_validation, validation_rows, warn_if_length_decides, warn_if_uninformative
+from .. import data as data_mod
+from .. import distributed as dist
+from ..io import Layout, atomic_write_json, atomic_write_jsonl, read_jsonl, remove_partial, sharded
+from ..judges import ImplicitRewardJudge, build_judge, flatten_responses, judge_rows
+from ..models import load_model, resolve_device
+from ..oracle import load_oracle, pairwise_win
+from ..scoring import kernel_impl, score_sequences
+from ..select import NEEDS_EMBEDDINGS, select_pair
+from ..validation import judge_validation, validation_rows, warn_if_length_decides, warn_if_uninformative
 
 logger = logging.getLogger("spa")
 

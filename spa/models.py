@@ -1,6 +1,10 @@
-"""LoRA (peft) in the SPA loop, with `model.peft` set.
+"""Every model a run loads, in one place: tokenizers; pi_init and each iteration's model (a full save_pretrained
+folder, or a LoRA adapter on pi_init's weights); the references next to a policy; the judge's reward model; a new
+model for sft.from_scratch; and the merge of an adapter into a full model. Stages and judges ask here, so following
+the config from a stage enters this module once.
 
-Every DPO stage then trains a LoRA adapter on pi_init's weights instead of the full model:
+LoRA (peft), with `model.peft` set: every DPO stage trains a LoRA adapter on pi_init's weights instead of the full
+model:
   iteration 0      a new adapter (peft.get_peft_model with model.peft), reference pi_init = the adapter disabled
   iteration i >= 1 iteration i-1's adapter, trainable, continues (the paper trains pi_i from pi_{i-1}); the
                    reference pi_{i-1} is that adapter as it was: the precomputed reference log-probs are scored
@@ -21,12 +25,109 @@ import os
 
 import torch
 
+from .config import ConfigError
+from .io import Layout, atomic_dir, commit_dir
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:  # a multi-process launch: one GPU per process
+            return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"model.device {name!r} is not a device ({e})") from None
+
+
+def _dtype(name: str):
+    return "auto" if name == "auto" else getattr(torch, name)
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:  # many causal LMs ship without one; padding is always masked
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(path: str, mcfg, device: torch.device | None = None, train: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    kw = {"dtype": _dtype(mcfg.dtype), "trust_remote_code": mcfg.trust_remote_code}
+    if mcfg.attn_implementation:
+        kw["attn_implementation"] = mcfg.attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    if device is not None:
+        model.to(device)
+    model.train(train)
+    if not train:
+        model.requires_grad_(False)
+    return model
+
+
+def new_model(tok, spec: dict):
+    """A freshly initialised causal LM from config kwargs (model_type defaults to llama), sized to the tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(spec)
+    model_type = spec.pop("model_type", "llama")
+    config = AutoConfig.for_model(model_type, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **spec)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def init_model_path(cfg) -> str:
+    """pi_init: the SFT stage's model when sft.enabled, else model.name_or_path."""
+    if cfg.sft.enabled:
+        return Layout(cfg.output_dir).sft_model
+    if not cfg.model.name_or_path:
+        raise ValueError("model.name_or_path is not set (and sft.enabled is false): pi_init is needed")
+    return cfg.model.name_or_path
+
+
+def judge_reference_path(cfg, iteration: int) -> str:
+    """The implicit judge's reference model for iteration i: pi_init, or with judge.reference=previous the model
+    pi_{i-1} was trained from (pi_{i-2}; pi_init for i = 1)."""
+    if cfg.judge.reference == "previous" and iteration >= 2:
+        return Layout(cfg.output_dir).model(iteration - 2)
+    return init_model_path(cfg)
+
+
+def load_model(path: str, cfg, device: torch.device | None = None, merge: bool = False):
+    """A model of the run, for inference: a full save_pretrained folder (load_causal_lm), or a LoRA adapter folder
+    (model.peft runs: iter_<i>/model/) applied to pi_init's weights as a peft.PeftModel, or with merge=True merged
+    into them (a plain model, faster to sample from)."""
+    if not is_adapter(path):
+        return load_causal_lm(path, cfg.model, device)
+    from peft import PeftModel
+
+    base = load_causal_lm(init_model_path(cfg), cfg.model, device)
+    model = PeftModel.from_pretrained(base, path, is_trainable=False)
+    if merge:
+        return model.merge_and_unload().eval()
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def load_reward_model(path: str, device, trust_remote_code: bool = False):
+    """(model, tokenizer) of a transformers sequence-classification reward model (judge.type=reward_model), in eval
+    mode on `device`, its pad token set."""
+    from transformers import AutoModelForSequenceClassification
+
+    tok = load_tokenizer(path, trust_remote_code)
+    model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    return model.to(device).eval(), tok
+
+
 ADAPTER_CONFIG = "adapter_config.json"
 POLICY_ADAPTER = "default"  # peft's name for the adapter a PeftModel is created or loaded with
 REFERENCE_ADAPTER = "ref"  # a frozen earlier adapter on the same base (TRL's name)
-
-__all__ = ["AdapterView", "is_adapter", "is_peft_model", "lora_config", "training_policy", "training_reference",
-           "drop_reference_adapter", "reference_model", "merge_adapter"]
 
 
 def is_adapter(path: str) -> bool:
@@ -51,7 +152,7 @@ class AdapterView(torch.nn.Module):
     """A PEFT model seen as another model: `adapter` active (None: every adapter disabled, i.e. the base weights),
     in eval mode (no dropout), for the duration of each call; the previous adapter, train/eval mode and
     requires_grad flags are restored afterwards. It shares the PEFT model's weights, so a reference costs no copy.
-    Usable wherever spa scores sequences with a model (spa.modeling.score_sequences, the judges, validation, the
+    Usable wherever spa scores sequences with a model (spa.scoring.score_sequences, the judges, validation, the
     trainer's ref_model): spa_kernels.integrations unwraps it with get_base_model()."""
 
     def __init__(self, model, adapter: str | None = None):
@@ -104,9 +205,6 @@ def training_policy(cfg, start_path: str, device, gradient_checkpointing: bool =
     start_path is an adapter folder (the run continues it), else a new one from model.peft."""
     from peft import PeftModel, get_peft_model
 
-    from .judges import init_model_path
-    from .modeling import load_causal_lm
-
     base = load_causal_lm(init_model_path(cfg), cfg.model, device, train=True)
     if gradient_checkpointing:  # the frozen embeddings' output must carry grad into checkpointed blocks
         base.enable_input_require_grads()
@@ -144,9 +242,6 @@ def reference_model(cfg, policy, path: str, device):
     """The model at `path` for scoring next to `policy` (the judge's, validation's and eval's references): with a
     PEFT policy, a view of it (pi_init = adapters disabled; an iteration's adapter = loaded onto the policy's base as
     the frozen "ref" adapter) instead of a second copy of the weights; otherwise the model loaded from path."""
-    from .judges import init_model_path
-    from .modeling import load_model
-
     if is_peft_model(policy):
         if os.path.realpath(path) == os.path.realpath(init_model_path(cfg)):
             return AdapterView(policy, None)
@@ -166,9 +261,6 @@ def merge_adapter(cfg, adapter_path: str, out: str, device=None) -> str:
     loading, e.g. torch_dtype=torch.bfloat16, knowing that this rounds too)."""
     import dataclasses
 
-    from .io import atomic_dir, commit_dir
-    from .modeling import load_model, load_tokenizer, resolve_device
-
     if not is_adapter(adapter_path):
         raise ValueError(f"{adapter_path} is not a PEFT adapter folder (no {ADAPTER_CONFIG}): nothing to merge")
     device = resolve_device(cfg.model.device) if device is None else device
@@ -180,3 +272,9 @@ def merge_adapter(cfg, adapter_path: str, out: str, device=None) -> str:
     load_tokenizer(adapter_path, cfg.model.trust_remote_code).save_pretrained(tmp)
     commit_dir(tmp, out)
     return out
+
+
+__all__ = ["resolve_device", "load_tokenizer", "load_causal_lm", "new_model", "init_model_path",
+           "judge_reference_path", "load_model", "load_reward_model", "ADAPTER_CONFIG", "POLICY_ADAPTER",
+           "REFERENCE_ADAPTER", "AdapterView", "is_adapter", "is_peft_model", "lora_config", "training_policy",
+           "training_reference", "drop_reference_adapter", "reference_model", "merge_adapter"]

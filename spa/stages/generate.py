@@ -9,46 +9,14 @@ Writes output_dir/iter_<i>/samples.jsonl: {"id", "prompt", "responses": [K], "fi
 from __future__ import annotations
 
 import logging
-import time
 
-import torch
-
-from . import data as data_mod
-from . import distributed as dist
-from .generation import HFBackend, SamplingParams, build_backend
-from .io import Layout, atomic_write_json, atomic_write_jsonl, remove_partial, sharded
-from .modeling import load_model, load_tokenizer, resolve_device
+from .. import data as data_mod
+from .. import distributed as dist
+from ..generation import build_backend, generate_responses
+from ..io import Layout, atomic_write_json, atomic_write_jsonl, remove_partial, sharded
+from ..models import load_model, load_tokenizer, resolve_device
 
 logger = logging.getLogger("spa")
-
-
-def generate_responses(generator, tokenizer, prompts: list[list[int]], num_samples: int, *, temperature: float,
-                       top_p: float, max_new_tokens: int, seed_key: tuple, batch_size: int | None = None,
-                       progress: str | None = None) -> tuple[list[dict], dict]:
-    """num_samples responses for each tokenised prompt. `generator`: a spa.generation.GenerationBackend, or a
-    transformers causal LM, run with the hf backend in batches of `batch_size` prompts. The backend derives every
-    seed from seed_key, so the result depends only on the prompts and seed_key. temperature 0 = greedy.
-    Returns ([{responses, finished, num_tokens}], stats)."""
-    if isinstance(generator, torch.nn.Module):  # a transformers model: the hf backend
-        if batch_size is None:
-            raise ValueError("batch_size is needed to generate with a transformers model")
-        generator = HFBackend(generator, tokenizer.pad_token_id, tokenizer.eos_token_id, batch_size)
-    eos = tokenizer.eos_token_id
-    t0 = time.perf_counter()
-    params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
-    token_ids = generator.generate(prompts, num_samples, params, seed_key, progress)
-    seconds = time.perf_counter() - t0
-    out, new_tokens = [], 0
-    for rows in token_ids:
-        texts, finished, counts = [], [], []
-        for toks in rows:
-            done = bool(toks) and toks[-1] == eos
-            texts.append(tokenizer.decode(toks[:-1] if done else toks, skip_special_tokens=True))
-            finished.append(done)
-            counts.append(len(toks))
-            new_tokens += len(toks)
-        out.append({"responses": texts, "finished": finished, "num_tokens": counts})
-    return out, {"new_tokens": new_tokens, "seconds": seconds, "tokens_per_s": new_tokens / max(seconds, 1e-9)}
 
 
 def run_generate(cfg, iteration: int) -> str:

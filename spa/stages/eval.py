@@ -18,22 +18,16 @@ import logging
 import math
 import os
 
-from . import data as data_mod
-from . import distributed as dist
-from .generate import generate_responses
-from .generation import build_backend
-from .io import Layout, atomic_write_json, atomic_write_jsonl, read_json, read_jsonl, remove_partial, sharded
-from .judges import ImplicitRewardJudge, init_model_path
-from .lora import reference_model
-from .modeling import kernel_impl, load_model, load_tokenizer, resolve_device
-from .oracle import load_oracle, pairwise_win
-from .validation import model_label
+from .. import data as data_mod
+from .. import distributed as dist
+from ..generation import build_backend, generate_responses
+from ..io import Layout, atomic_write_json, atomic_write_jsonl, eval_name, read_jsonl, remove_partial, sharded
+from ..judges import ImplicitRewardJudge
+from ..models import init_model_path, load_model, load_tokenizer, reference_model, resolve_device
+from ..oracle import load_oracle, pairwise_win
+from ..scoring import kernel_impl
 
 logger = logging.getLogger("spa")
-
-
-def eval_name(iteration: int | None) -> str:
-    return "sft" if iteration is None else f"iter_{iteration}"
 
 
 def _mean_se(xs: list[float]) -> tuple[float, float]:
@@ -119,46 +113,4 @@ def run_eval(cfg, iteration: int | None) -> str:
     return lay.eval(name)
 
 
-def results_table(output_dir: str, iterations: int) -> list[dict]:
-    """One row per evaluated model: SFT, DPO on the seed (iter_0), SPA iterations. `val_acc`: the model's reward
-    accuracy on the held-out seed pairs (val/reward_accuracy); `judge_val_acc`: the iteration's judge on those pairs
-    (judge/validation_accuracy); `judge_acc`: how often the iteration's self-judgment chose what the oracle prefers
-    on the model's own samples (judge/oracle_accuracy, when eval.oracle is set; oracle ties count 1/2);
-    `selected`: the model the run returns (selected.json)."""
-    lay = Layout(output_dir)
-    selected = read_json(lay.selected)["iteration"] if os.path.exists(lay.selected) else None
-    rows = []
-    for i in [None] + list(range(iterations + 1)):
-        path = lay.eval(eval_name(i))
-        try:
-            r = read_json(path)
-        except FileNotFoundError:
-            continue
-        judge_path = lay.stage_metrics(eval_name(i), "judge")
-        judge = read_json(judge_path) if i and os.path.exists(judge_path) else {}
-        val = read_json(lay.validation(i)) if i is not None and os.path.exists(lay.validation(i)) else {}
-        rows.append({"model": "SFT" if i is None else model_label(i), "iteration": i,
-                     "win_rate": r.get("eval/win_rate_vs_sft"),
-                     "score": r.get("eval/mean_score"), "exact": r.get("eval/exact_rate"),
-                     "length": r.get("eval/mean_tokens"), "reward_acc": r.get("eval/reward_accuracy"),
-                     "val_acc": val.get("val/reward_accuracy"), "judge_val_acc": judge.get("judge/validation_accuracy"),
-                     "judge_acc": judge.get("judge/oracle_accuracy"), "selected": i is not None and i == selected})
-    return rows
-
-
-COLUMNS = (("win_rate", "win rate vs SFT", 3), ("score", "oracle score", 3), ("exact", "exact", 3),
-           ("length", "length", 1), ("reward_acc", "reward acc", 3), ("val_acc", "val acc", 3),
-           ("judge_val_acc", "judge val acc", 3), ("judge_acc", "judge acc", 3))
-
-
-def format_table(rows: list[dict], title: str | None = None) -> str:
-    """The results table; the returned model is marked with '*'."""
-    fmt = lambda v, p: "-" if v is None else (v if isinstance(v, str) else f"{v:.{p}f}")
-    head = f"{'model':<15}" + "".join(f" {name:>{max(len(name), 6)}}" for _, name, _ in COLUMNS)
-    lines = ([title] if title else []) + [head, "-" * len(head)]
-    for r in rows:
-        label = r["model"] + (" *" if r.get("selected") else "")
-        lines.append(f"{label:<15}" + "".join(f" {fmt(r.get(k), p):>{max(len(name), 6)}}" for k, name, p in COLUMNS))
-    if any(r.get("selected") for r in rows):
-        lines.append("* the model the run returns (selected.json says why)")
-    return "\n".join(lines)
+__all__ = ["run_eval"]

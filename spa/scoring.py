@@ -1,11 +1,9 @@
-"""Models and batched scoring: loading like any hub model, and per-sequence log-probs (with the last hidden states)
-through spa_kernels' fused head (spa_kernels.integrations: the model's own forward, then its lm_head with logit
-scaling, softcapping, bias and tied or gathered weights handled in one place; never [batch, seq, vocab] logits).
-Every stage scores sequences here, with the kernel implementation from kernel_impl(cfg)."""
+"""Batched scoring: per-sequence log-probs (with the last hidden states) through spa_kernels' fused head
+(spa_kernels.integrations: the model's own forward, then its lm_head with logit scaling, softcapping, bias and tied
+or gathered weights handled in one place; never [batch, seq, vocab] logits). Every stage scores sequences here,
+with the kernel implementation from kernel_impl(cfg); the models come from spa.models."""
 
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -15,68 +13,6 @@ IGNORE = -100
 def kernel_impl(cfg) -> str:
     """The spa_kernels implementation every stage uses (train, judge, validate, eval): `train.kernel_impl`."""
     return cfg.train.kernel_impl
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:  # a multi-process launch: one GPU per process
-            return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except (RuntimeError, ValueError) as e:
-        from .config import ConfigError
-
-        raise ConfigError(f"model.device {name!r} is not a device ({e})") from None
-
-
-def _dtype(name: str):
-    return "auto" if name == "auto" else getattr(torch, name)
-
-
-def load_tokenizer(path: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if tok.pad_token_id is None:  # many causal LMs ship without one; padding is always masked
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def load_causal_lm(path: str, mcfg, device: torch.device | None = None, train: bool = False):
-    from transformers import AutoModelForCausalLM
-
-    kw = {"dtype": _dtype(mcfg.dtype), "trust_remote_code": mcfg.trust_remote_code}
-    if mcfg.attn_implementation:
-        kw["attn_implementation"] = mcfg.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(path, **kw)
-    if device is not None:
-        model.to(device)
-    model.train(train)
-    if not train:
-        model.requires_grad_(False)
-    return model
-
-
-def load_model(path: str, cfg, device: torch.device | None = None, merge: bool = False):
-    """A model of the run, for inference: a full save_pretrained folder (load_causal_lm), or a LoRA adapter folder
-    (model.peft runs: iter_<i>/model/) applied to pi_init's weights as a peft.PeftModel, or with merge=True merged
-    into them (a plain model, faster to sample from)."""
-    from .lora import is_adapter
-
-    if not is_adapter(path):
-        return load_causal_lm(path, cfg.model, device)
-    from peft import PeftModel
-
-    from .judges import init_model_path
-
-    base = load_causal_lm(init_model_path(cfg), cfg.model, device)
-    model = PeftModel.from_pretrained(base, path, is_trainable=False)
-    if merge:
-        return model.merge_and_unload().eval()
-    if device is not None:
-        model.to(device)
-    return model.eval()
 
 
 def pad_sequences(items: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict[str, torch.Tensor]:

@@ -6,21 +6,18 @@ from __future__ import annotations
 
 import logging
 
-from . import data as data_mod
-from . import distributed as dist
-from .io import Layout, atomic_write_json
-from .modeling import kernel_impl
-from .validation import validation_metrics, validation_rows, validation_scores
+from .. import data as data_mod
+from .. import distributed as dist
+from ..io import Layout, atomic_write_json
+from ..models import init_model_path, load_model, load_tokenizer, reference_model, resolve_device
+from ..scoring import kernel_impl
+from ..validation import validation_metrics, validation_rows, validation_scores
 
 logger = logging.getLogger("spa")
 
 
 def run_validate(cfg, iteration: int) -> str:
     """Measures iteration i's model on the held-out gold pairs; returns iter_<i>/validation.json."""
-    from .judges import init_model_path
-    from .lora import reference_model
-    from .modeling import load_model, load_tokenizer, resolve_device
-
     lay = Layout(cfg.output_dir)
     if not dist.is_main():  # a few hundred held-out pairs: the main process alone scores them
         return lay.validation(iteration)

@@ -1,25 +1,16 @@
-"""The sft and train stages, both on transformers.Trainer (logging via report_to, gradient accumulation, bf16,
-gradient checkpointing, checkpoints, DeepSpeed / FSDP configs come from transformers).
+"""The transformers.Trainer subclasses of the sft and train stages, and what they share (logging via report_to,
+gradient accumulation, bf16, gradient checkpointing, checkpoints, DeepSpeed / FSDP configs come from transformers).
 
-train: DPO-family training on preference pairs (SPATrainer, built on spa_kernels.integrations.hf's
-PreferenceLossMixin). Log-probs come from spa_kernels' fused head (linear_sequence_logprobs, or
-linear_spa_sequence_logprobs for de-coupled noise detection) through the model's own forward and its lm_head module,
-so [batch, seq, vocab] logits never exist and logit scaling, softcapping, bias, tied weights and FSDP / ZeRO-3
-gathering are handled where the drop-in trainers handle them. Without DND the reference log-probs are computed once
-before training and the reference model is freed; with DND the reference model stays and gives its hidden states
-per step (no_grad).
-  iteration 0      DPO (sigmoid) on the seed, from pi_init with reference pi_init, train.seed_epochs epochs
-  iteration i >= 1 train.iteration_loss on iter_<i>/pairs.jsonl, from pi_{i-1} with reference pi_{i-1}: "spa" is
-                   the self-refined loss (spa.refine) when refine.enabled, lam = refine.lam[i-1] when refine.dnd
-With model.peft the policy is a LoRA adapter on pi_init's weights and every reference a view of the same weights
-(adapter disabled, or the previous adapter frozen): spa.lora.
-Writes output_dir/iter_<i>/model/ (save_pretrained, with the tokenizer; with model.peft the adapter),
-iter_<i>/train_metrics.json and iter_<i>/train_log.jsonl (the Trainer's log history). Checkpoints go to
-output_dir/.partial/iter_<i>/train/; a rerun resumes from the last complete one (resume_from_checkpoint is passed
-through to Trainer.train).
-
-sft: supervised fine-tuning on demonstrations (loss on response tokens only), from model.name_or_path or, with
-sft.from_scratch, a freshly initialised model (how the demo's tiny Llama is made). Writes output_dir/sft/model/.
+SPATrainer: DPO-family training on preference pairs, built on spa_kernels.integrations.hf's PreferenceLossMixin.
+Log-probs come from spa_kernels' fused head (linear_sequence_logprobs, or linear_spa_sequence_logprobs for de-coupled
+noise detection) through the model's own forward and its lm_head module, so [batch, seq, vocab] logits never exist
+and logit scaling, softcapping, bias, tied weights and FSDP / ZeRO-3 gathering are handled where the drop-in
+trainers handle them. Its inputs: tokenize_pairs -> ListDataset -> PairCollator.
+SFTTrainer: the causal-LM loss on response tokens (SFTCollator).
+Both stop at the first non-finite loss, gradient norm or weight (FiniteGuard), show one labelled progress bar
+(StageProgress), and resume from the last complete checkpoint (last_checkpoint); training_arguments builds their
+TrainingArguments from the config, finish_stage commits the stage's model folder.
+The stages that run them: spa.stages.sft, spa.stages.train.
 """
 
 from __future__ import annotations
@@ -31,7 +22,6 @@ import logging
 import math
 import os
 import re
-import time
 from collections import defaultdict
 
 import torch
@@ -51,23 +41,13 @@ from spa_kernels.integrations.hf import (
 
 from . import data as data_mod
 from . import distributed as dist
-from . import lora
-from .io import (
-    Layout,
-    atomic_dir,
-    atomic_write_json,
-    atomic_write_jsonl,
-    commit_dir,
-    crash_point,
-    read_jsonl,
-    remove_partial,
-    seed_everything,
-)
-from .judges import init_model_path
-from .modeling import kernel_impl, load_causal_lm, load_tokenizer, pad_sequences, resolve_device, score_sequences
-from .refine import NoiseDetector, lam_for_iteration, refine_alpha
+from .io import atomic_dir, atomic_write_json, atomic_write_jsonl, commit_dir, crash_point, remove_partial
+from .models import drop_reference_adapter, resolve_device
+from .refine import NoiseDetector, refine_alpha
+from .scoring import pad_sequences
 
 logger = logging.getLogger("spa")
+
 REFINE_STATE = "spa_refine_state.json"
 
 
@@ -124,6 +104,15 @@ class PairCollator:
         if "score_margin" in feats[0]:
             batch["score_margin"] = torch.tensor([f["score_margin"] for f in feats], dtype=torch.float32)
         return batch
+
+
+class SFTCollator:
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, feats):
+        batch = pad_sequences([(f["prompt_ids"], f["response_ids"]) for f in feats], self.pad_id, "cpu")
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": batch["labels"]}
 
 
 class NonFiniteError(RuntimeError):
@@ -317,7 +306,6 @@ class CrashPointCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         crash_point(self.unit)
 
-
 # Model weights as Trainer.save_model writes them (full, sharded, PEFT adapter), or DeepSpeed / FSDP state folders.
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
             "adapter_model.safetensors", "adapter_model.bin", "global_step*", "pytorch_model_fsdp_*")
@@ -375,7 +363,7 @@ def last_checkpoint(folder: str) -> str | None:
     return None
 
 
-def _training_args(out_dir: str, cfg, *, batch_size: int, per_device: int | None, lr: float, epochs: float,
+def training_arguments(out_dir: str, cfg, *, batch_size: int, per_device: int | None, lr: float, epochs: float,
                    scheduler: str, warmup: float, weight_decay: float, max_steps: int = -1):
     t = cfg.train
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate / torchrun launchers
@@ -402,9 +390,9 @@ def _training_args(out_dir: str, cfg, *, batch_size: int, per_device: int | None
     return TrainingArguments(**kw)
 
 
-def _finish(trainer, tok, final: str, partial: str, metrics: dict, metrics_path: str, log_path: str) -> str:
+def finish_stage(trainer, tok, final: str, partial: str, metrics: dict, metrics_path: str, log_path: str) -> str:
     trainer.check_weights()  # nothing non-finite is ever committed
-    lora.drop_reference_adapter(trainer.model)  # a LoRA run saves the trained adapter alone
+    drop_reference_adapter(trainer.model)  # a LoRA run saves the trained adapter alone
     tmp = atomic_dir(final) if dist.is_main() else f"{final}.tmp"
     dist.barrier()  # the folder exists before any process saves into it
     trainer.save_model(tmp)  # every process (DeepSpeed / FSDP gather the weights); the Trainer writes on the main one
@@ -417,7 +405,7 @@ def _finish(trainer, tok, final: str, partial: str, metrics: dict, metrics_path:
     return final
 
 
-def _summary(log_history: list[dict], prefix: str) -> dict:
+def log_summary(log_history: list[dict], prefix: str) -> dict:
     """Mean of every logged training metric over the stage, and the last logged loss."""
     acc = defaultdict(list)
     for entry in log_history:
@@ -429,183 +417,3 @@ def _summary(log_history: list[dict], prefix: str) -> dict:
     if losses:
         out[f"{prefix}/final_loss"] = losses[-1]
     return out
-
-
-def precompute_ref_logps(ref_model, feats: list[dict], pad_id: int, batch_size: int, impl: str) -> None:
-    """Adds ref_chosen / ref_rejected (summed response log-probs under the reference) to every feature."""
-    items = [(f["prompt_ids"], f["chosen_ids"]) for f in feats] + [(f["prompt_ids"], f["rejected_ids"])
-                                                                     for f in feats]
-    lp = score_sequences(ref_model, items, pad_id, batch_size, impl,  # every process scores all; one bar
-                         progress="reference log-probs" if dist.is_main() else None).tolist()
-    for n, f in enumerate(feats):
-        f["ref_chosen"], f["ref_rejected"] = lp[n], lp[n + len(feats)]
-
-
-def run_train(cfg, iteration: int) -> str:
-    """DPO (iteration 0: on the seed) or the SPA iteration's training; returns the model folder."""
-    lay = Layout(cfg.output_dir)
-    name = f"iter_{iteration}"
-    partial = lay.partial(name, "train")
-    t = cfg.train
-    device = resolve_device(cfg.model.device)
-    if iteration == 0:
-        pairs, _, _, info = data_mod.seed_and_pools(cfg)
-        init_path = ref_path = init_model_path(cfg)
-        loss_type, epochs, lam = "sigmoid", t.seed_epochs, None
-    else:
-        pairs, info = read_jsonl(lay.pairs(iteration)), {}
-        init_path = ref_path = lay.model(iteration - 1)
-        epochs = t.epochs
-        loss_type = t.iteration_loss
-        if loss_type == "spa" and not cfg.refine.enabled:
-            loss_type = "sigmoid"
-        lam = lam_for_iteration(cfg.refine.lam, iteration) if loss_type == "spa" and cfg.refine.dnd else None
-    tok = load_tokenizer(init_path, cfg.model.trust_remote_code)
-    enc = data_mod.PromptEncoder(tok, cfg.data.max_prompt_length, cfg.data.long_prompts, cfg.data.chat_template)
-    feats, counts = tokenize_pairs(pairs, enc, t.max_length)
-    if not feats:
-        raise ValueError(f"train {name}: no pair fits (data.max_prompt_length / train.max_length)")
-    if loss_type == "dlma" and "score_margin" not in feats[0]:
-        raise ValueError(f"train {name}: dlma needs judge scores (score_chosen / score_rejected) in the pairs")
-
-    seed_everything(cfg.seed, "train", iteration)
-    peft = cfg.model.peft is not None
-    if peft:  # one copy of pi_init's weights: the policy's adapter on it, the reference a view (spa.lora)
-        model = lora.training_policy(cfg, init_path, device, t.gradient_checkpointing)
-        ref_model = lora.training_reference(model, ref_path, per_step=lam is not None)
-    else:
-        ref_model = load_causal_lm(ref_path, cfg.model, device)
-    if lam is None:  # precompute once (cached across a crash), then free the reference model
-        cache = os.path.join(partial, "ref_logps.json")
-        if os.path.exists(cache):
-            with open(cache) as f:
-                for f_, (c, r) in zip(feats, json.load(f)):
-                    f_["ref_chosen"], f_["ref_rejected"] = c, r
-        else:
-            precompute_ref_logps(ref_model, feats, tok.pad_token_id, cfg.judge.batch_size, kernel_impl(cfg))
-            if dist.is_main():  # every process computed the same values
-                atomic_write_json(cache, [[f_["ref_chosen"], f_["ref_rejected"]] for f_ in feats])
-        del ref_model
-        ref_model = None
-    if not peft:  # loaded after the reference is freed: one full model in memory at a time without DND
-        model = load_causal_lm(init_path, cfg.model, device, train=True)
-    args = _training_args(partial, cfg, batch_size=t.batch_size, per_device=t.per_device_batch_size,
-                          lr=t.learning_rate, epochs=epochs, scheduler=t.lr_scheduler_type, warmup=t.warmup_ratio,
-                          weight_decay=t.weight_decay)
-    detector = NoiseDetector(cfg.refine.percentile, cfg.refine.window) if loss_type == "spa" else None
-    trainer = SPATrainer(model=model, args=args, train_dataset=ListDataset(feats),
-                         data_collator=PairCollator(tok.pad_token_id), processing_class=tok,
-                         loss_type=loss_type, beta=t.beta, ref_model=ref_model, lam=lam, detector=detector,
-                         refine_alpha=cfg.refine.alpha, refine_warmup=cfg.refine.warmup_ratio,
-                         dlma_gamma=t.dlma_gamma, kernel_impl=kernel_impl(cfg),
-                         callbacks=[CrashPointCallback("train")])
-    trainer.stage = f"{name}/train"
-    quiet_progress(trainer, f"train {name}")
-    uneven = uneven_last_batch(len(feats), t.batch_size, trainer.accelerator.num_processes)
-    if uneven and dist.is_main():
-        logger.warning("%s/train: %s", name, uneven)
-    checkpoint = dist.broadcast(last_checkpoint(partial))
-    resumed_at = resumed_step(checkpoint, f"{name}/train")
-    t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    seconds = time.perf_counter() - t0
-    tokens = sum(2 * len(f["prompt_ids"]) + len(f["chosen_ids"]) + len(f["rejected_ids"]) for f in feats)
-    # this session's share of the tokens: after a resume, the steps before the checkpoint were trained earlier
-    trained = (trainer.state.global_step - resumed_at) / max(trainer.state.global_step, 1)
-    metrics = {**info, **counts, "train/pairs": len(feats), "train/loss_type": loss_type, "train/lam": lam,
-               "train/steps": trainer.state.global_step, "train/resumed_from_step": resumed_at,
-               "train/seconds_computed": seconds,
-               "train/tokens_per_s": tokens * epochs * trained / max(result.metrics.get("train_runtime", seconds),
-                                                                     1e-9),
-               **_summary(trainer.state.log_history, "train")}
-    return _finish(trainer, tok, lay.model(iteration), partial, metrics, lay.stage_metrics(name, "train"),
-                   lay.path(name, "train_log.jsonl"))
-
-
-class SFTCollator:
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-
-    def __call__(self, feats):
-        batch = pad_sequences([(f["prompt_ids"], f["response_ids"]) for f in feats], self.pad_id, "cpu")
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": batch["labels"]}
-
-
-def new_model(tok, spec: dict):
-    """A freshly initialised causal LM from config kwargs (model_type defaults to llama), sized to the tokenizer."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    spec = dict(spec)
-    model_type = spec.pop("model_type", "llama")
-    config = AutoConfig.for_model(model_type, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
-                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **spec)
-    return AutoModelForCausalLM.from_config(config)
-
-
-def run_sft(cfg) -> str:
-    """Supervised fine-tuning on sft.data; returns output_dir/sft/model."""
-    lay = Layout(cfg.output_dir)
-    s = cfg.sft
-    if not s.data:
-        raise ValueError("sft.data is not set: the SFT stage needs demonstrations")
-    tok_path = cfg.model.tokenizer or cfg.model.name_or_path
-    if not tok_path:
-        raise ValueError("model.tokenizer (or model.name_or_path) is needed for the SFT stage")
-    tok = load_tokenizer(tok_path, cfg.model.trust_remote_code)
-    demos, stats = data_mod.load_demos(s.data, s.split, cfg.data.skip_invalid)
-    enc = data_mod.PromptEncoder(tok, cfg.data.max_prompt_length, cfg.data.long_prompts, cfg.data.chat_template)
-    feats, cut, too_long = [], 0, 0
-    for d in demos:
-        p = enc.encode(d["prompt"])
-        if p is None:  # longer than data.max_prompt_length: counted by the encoder (data/prompts_skipped_long)
-            continue
-        if len(p) >= s.max_length:  # no room for a single response token
-            too_long += 1
-            continue
-        r = enc.encode_response(d["response"])
-        if len(p) + len(r) > s.max_length:
-            cut += 1
-            r = r[:s.max_length - len(p)]
-        feats.append({"prompt_ids": p, "response_ids": r})
-    if not feats:
-        raise ValueError(f"sft: none of the {len(demos)} demonstrations of {s.data} fits: {too_long} prompts fill "
-                         f"sft.max_length {s.max_length}, the rest exceed data.max_prompt_length "
-                         f"{cfg.data.max_prompt_length} tokens")
-    seed_everything(cfg.seed, "sft")
-    device = resolve_device(cfg.model.device)
-    if s.from_scratch is not None:
-        model = new_model(tok, s.from_scratch).to(device)
-    else:
-        if not cfg.model.name_or_path:
-            raise ValueError("model.name_or_path is needed for the SFT stage (or sft.from_scratch)")
-        model = load_causal_lm(cfg.model.name_or_path, cfg.model, device, train=True)
-    parameters = sum(p.numel() for p in model.parameters())
-    if dist.is_main():  # the size, before hours of training: a from_scratch key left out takes transformers' default
-        c = model.config
-        size = (f"{parameters / 1e9:.2f}B" if parameters >= 1e9 else f"{parameters / 1e6:.2f}M" if parameters >= 1e5
-                else f"{parameters / 1e3:.1f}K")
-        logger.info("sft: %s %s, %s parameters (%s layers, hidden %s, intermediate %s), %d examples",
-                    "a new" if s.from_scratch is not None else "fine-tuning", c.model_type, size,
-                    getattr(c, "num_hidden_layers", "?"), getattr(c, "hidden_size", "?"),
-                    getattr(c, "intermediate_size", "?"), len(feats))
-    partial = lay.partial("sft", "train")
-    args = _training_args(partial, cfg, batch_size=s.batch_size, per_device=None, lr=s.learning_rate,
-                          epochs=s.epochs, scheduler=s.lr_scheduler_type, warmup=s.warmup_ratio,
-                          weight_decay=s.weight_decay, max_steps=s.max_steps)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=ListDataset(feats), data_collator=SFTCollator(
-        tok.pad_token_id), processing_class=tok, callbacks=[CrashPointCallback("sft")])
-    trainer.stage = "sft"
-    quiet_progress(trainer, "sft")
-    if too_long and dist.is_main():
-        logger.warning("sft: %d of %d demonstrations skipped: their prompt alone fills sft.max_length %d tokens",
-                       too_long, len(demos), s.max_length)
-    checkpoint = dist.broadcast(last_checkpoint(partial))
-    resumed_step(checkpoint, "sft")
-    t0 = time.perf_counter()
-    trainer.train(resume_from_checkpoint=checkpoint)
-    metrics = {**stats.as_metrics("data/sft"), **enc.metrics(), "sft/examples": len(feats),
-               "sft/prompts_over_max_length": too_long, "sft/parameters": parameters,
-               "sft/responses_truncated": cut, "sft/steps": trainer.state.global_step,
-               "sft/seconds_computed": time.perf_counter() - t0, **_summary(trainer.state.log_history, "sft")}
-    return _finish(trainer, tok, lay.sft_model, partial, metrics, lay.stage_metrics("sft", "sft"),
-                   lay.path("sft", "sft_log.jsonl"))
