@@ -33,9 +33,6 @@ from .scoring import score_sequences
 
 logger = logging.getLogger("spa")
 
-LOWER_IS_BETTER = {"dpo_loss"}
-
-
 def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval of a proportion (ties counted as half a success)."""
     if n == 0:
@@ -112,18 +109,64 @@ def validation_scores(model, reference, enc: data_mod.PromptEncoder, rows: list[
             "tokens_rejected": tokens[1::2]}
 
 
-def validation_metrics(scores: dict[str, list], beta: float) -> dict:
-    """val/... metrics from validation_scores."""
+PAIR_METRICS = ("reward_accuracy", "reward_margin", "dpo_loss", "logp_accuracy", "logp_per_token_accuracy",
+                "chosen_logp_per_token", "logp_margin", "logp_per_token_margin")
+LOWER_IS_BETTER = {"dpo_loss"}
+
+
+def _win(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """1 where a > b, 1/2 on a tie, else 0 (pairwise_win, elementwise)."""
+    return (a > b).double() + 0.5 * (a == b).double()
+
+
+def pair_values(scores: dict[str, list], metric: str, beta: float) -> torch.Tensor:
+    """The per-pair values [pairs] (float64) whose mean is validation metric `metric`, from validation_scores."""
     t = {k: torch.tensor(v, dtype=torch.float64) for k, v in scores.items() if k != "id"}
-    rc = beta * (t["logp_chosen"] - t["ref_logp_chosen"])
-    rr = beta * (t["logp_rejected"] - t["ref_logp_rejected"])
-    out = agreement(rc.tolist(), rr.tolist(), "val/reward_accuracy")
-    out["val/reward_margin"] = (rc - rr).mean().item()
-    out["val/dpo_loss"] = -torch.nn.functional.logsigmoid(rc - rr).mean().item()
-    out.update(agreement(t["logp_chosen"].tolist(), t["logp_rejected"].tolist(), "val/logp_accuracy"))
-    pc, pr = t["logp_chosen"] / t["tokens_chosen"], t["logp_rejected"] / t["tokens_rejected"]
-    out.update(agreement(pc.tolist(), pr.tolist(), "val/logp_per_token_accuracy"))
-    out["val/chosen_logp_per_token"] = pc.mean().item()
+    lc, lr = t["logp_chosen"], t["logp_rejected"]
+    rc, rr = beta * (lc - t["ref_logp_chosen"]), beta * (lr - t["ref_logp_rejected"])
+    pc, pr = lc / t["tokens_chosen"], lr / t["tokens_rejected"]
+    values = {"reward_accuracy": lambda: _win(rc, rr), "reward_margin": lambda: rc - rr,
+              "dpo_loss": lambda: -torch.nn.functional.logsigmoid(rc - rr), "logp_accuracy": lambda: _win(lc, lr),
+              "logp_per_token_accuracy": lambda: _win(pc, pr), "chosen_logp_per_token": lambda: pc,
+              "logp_margin": lambda: lc - lr, "logp_per_token_margin": lambda: pc - pr}
+    if metric not in values:
+        raise ValueError(f"unknown validation metric {metric!r}; known: {', '.join(PAIR_METRICS)}")
+    return values[metric]()
+
+
+def bootstrap_indices(pairs: int, resamples: int = 2000, seed: int = 0) -> torch.Tensor:
+    """[resamples, pairs] indices of a seeded bootstrap over the held-out pairs; the same rows serve every iteration,
+    so that differences between iterations are paired."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(pairs, (resamples, pairs), generator=g)
+
+
+def standard_error(values: torch.Tensor, idx: torch.Tensor) -> float:
+    """Bootstrap standard error of the mean of values."""
+    return values[idx].mean(1).std().item() if len(values) > 1 else float("nan")
+
+
+def worse_probability(values: torch.Tensor, best: torch.Tensor, idx: torch.Tensor, lower_is_better: bool) -> float:
+    """Paired bootstrap: the fraction of resamples in which the mean of `values` is worse than the mean of `best`
+    (ties count half)."""
+    d = values[idx].mean(1) - best[idx].mean(1)
+    d = -d if lower_is_better else d
+    return ((d < 0).double().mean() + 0.5 * (d == 0).double().mean()).item()
+
+
+def validation_metrics(scores: dict[str, list], beta: float, resamples: int = 2000) -> dict:
+    """val/<metric> for every PAIR_METRICS name (the mean of its per-pair values) with val/<metric>_se, its bootstrap
+    standard error over the held-out pairs; the accuracies also with a 95% Wilson interval (_ci_low, _ci_high) and
+    their pair count (_pairs)."""
+    out = {}
+    idx = bootstrap_indices(len(scores["id"]), resamples)
+    for m in PAIR_METRICS:
+        v = pair_values(scores, m, beta)
+        out[f"val/{m}"] = v.mean().item()
+        out[f"val/{m}_se"] = standard_error(v, idx)
+        if m.endswith("accuracy"):
+            lo, hi = wilson_interval(v.sum().item(), len(v))
+            out.update({f"val/{m}_ci_low": lo, f"val/{m}_ci_high": hi, f"val/{m}_pairs": len(v)})
     return out
 
 
@@ -194,5 +237,7 @@ def select_iteration(cfg, last: int) -> Selection:
 
 
 __all__ = ["wilson_interval", "agreement", "validation_rows", "judge_validation", "warn_if_uninformative",
-           "warn_if_length_decides", "validation_scores", "validation_metrics", "model_validation", "Selection",
+           "warn_if_length_decides", "PAIR_METRICS", "LOWER_IS_BETTER", "pair_values", "bootstrap_indices",
+           "standard_error", "worse_probability", "validation_scores", "validation_metrics", "model_validation",
+           "Selection",
            "choose_iteration", "select_iteration"]

@@ -9,12 +9,18 @@ import pytest
 from spa import Config
 from spa.io import Layout
 from spa.validation import (
+    PAIR_METRICS,
     agreement,
+    bootstrap_indices,
     choose_iteration,
+    pair_values,
     select_iteration,
+    standard_error,
+    validation_metrics,
     warn_if_length_decides,
     warn_if_uninformative,
     wilson_interval,
+    worse_probability,
 )
 
 
@@ -94,3 +100,50 @@ def test_select_ties_and_lower_is_better(tmp_path):
     none = select_iteration(Config.from_dict({"output_dir": str(tmp_path / "d"),
                                               "data": {"validation_size": 0}}), 1)
     assert none.iteration == 1 and "no validation pairs" in none.reason
+
+
+# Two held-out pairs by hand (beta 0.1): chosen/rejected summed log-probs under the model and pi_init, token counts.
+SCORES = {"id": ["a", "b"], "logp_chosen": [-2.0, -6.0], "logp_rejected": [-4.0, -3.0],
+          "ref_logp_chosen": [-3.0, -5.0], "ref_logp_rejected": [-3.0, -3.0], "tokens_chosen": [2, 3],
+          "tokens_rejected": [4, 1]}
+BY_HAND = {  # per pair: (a, b)
+    "reward_accuracy": [1.0, 0.0],  # rewards 0.1 vs -0.1; -0.1 vs 0.0
+    "reward_margin": [0.2, -0.1],
+    "dpo_loss": [0.5981388693815918, 0.7443966600735709],  # -logsigmoid(0.2), -logsigmoid(-0.1)
+    "logp_accuracy": [1.0, 0.0],
+    "logp_per_token_accuracy": [0.5, 1.0],  # a: -2/2 = -4/4, a tie counts 1/2; b: -6/3 > -3/1
+    "chosen_logp_per_token": [-1.0, -2.0],
+    "logp_margin": [2.0, -3.0],
+    "logp_per_token_margin": [0.0, 1.0],  # -1 - (-1); -2 - (-3)
+}
+
+
+def test_pair_values_by_hand():
+    assert set(BY_HAND) == set(PAIR_METRICS)
+    for metric, want in BY_HAND.items():
+        assert pair_values(SCORES, metric, 0.1).tolist() == pytest.approx(want), metric
+    m = validation_metrics(SCORES, 0.1)
+    for metric, want in BY_HAND.items():
+        assert m[f"val/{metric}"] == pytest.approx(sum(want) / 2), metric
+        assert m[f"val/{metric}_se"] > 0, metric
+    assert m["val/reward_accuracy_pairs"] == 2
+    with pytest.raises(ValueError, match="unknown validation metric 'nope'"):
+        pair_values(SCORES, "nope", 0.1)
+
+
+def test_bootstrap_noise_and_paired_comparison():
+    import torch
+
+    idx = bootstrap_indices(400, resamples=4000, seed=3)
+    assert idx.shape == (4000, 400) and torch.equal(idx, bootstrap_indices(400, resamples=4000, seed=3))
+    v = torch.arange(400, dtype=torch.float64) % 2  # a proportion of 1/2 over 400 pairs: SE sqrt(0.25 / 400)
+    assert standard_error(v, idx) == pytest.approx(0.025, rel=0.05)
+    # paired: b is a shifted by a constant, so b is worse in every resample however noisy a is
+    a = torch.randn(400, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert worse_probability(a - 0.01, a, idx, lower_is_better=False) == 1.0
+    assert worse_probability(a + 0.01, a, idx, lower_is_better=False) == 0.0
+    assert worse_probability(a + 0.01, a, idx, lower_is_better=True) == 1.0
+    assert worse_probability(a, a, idx, lower_is_better=False) == 0.5  # equal: every resample a tie
+    # unpaired noise of the same size: an even chance either way
+    c = torch.randn(400, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert 0.02 < worse_probability(c, a, idx, lower_is_better=False) < 0.98
