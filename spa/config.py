@@ -8,7 +8,9 @@ K=10%, alpha 0.1, 20% warm-up, a window of 50 margins, batch 32) with three exce
 the built-in tasks and seeds (docs/trainer.md, benchmarks/judge_study.py): the judge scores a response by the
 model's own per-token log-prob (judge.reference=none, judge.token_average=true; the paper's judge is
 judge.reference=init, judge.token_average=false), a quarter of the seed is held out as validation
-(data.validation_size), and the run returns the iteration that validates best (loop.select, loop.patience).
+(data.validation_size), and the run returns the latest iteration that validates no worse than the best beyond the
+noise (loop.select, loop.selection_metric, loop.selection_confidence), never stopping early by default
+(loop.patience).
 Unknown keys, wrong types and out-of-range values raise ConfigError naming the key (and the file).
 """
 
@@ -204,19 +206,29 @@ class TrainConfig:
 class LoopConfig:
     iterations: int = _f(3, "SPA iterations after the seed DPO")
     select: Literal["best", "last"] = _f(
-        "best", "the model the run returns: best = the iteration (0 = DPO on the seed included) with the best "
-                "loop.selection_metric on the held-out gold validation pairs (data.validation_size); last = the "
-                "last iteration")
+        "best", "the model the run returns: best = the latest iteration (0 = DPO on the seed included) whose "
+                "loop.selection_metric on the held-out gold validation pairs (data.validation_size) is not worse "
+                "than the best iteration's beyond the noise (a paired bootstrap over the pairs, "
+                "loop.selection_confidence); last = the last iteration")
     selection_metric: Literal["reward_accuracy", "reward_margin", "dpo_loss", "logp_accuracy",
-                              "logp_per_token_accuracy", "chosen_logp_per_token"] = _f(
-        "chosen_logp_per_token", "validation metric for loop.select=best and loop.patience, on the held-out seed "
-                                 "pairs (default: the one that tracked the oracle best over the built-in tasks): "
-                           "reward_accuracy (implicit reward vs pi_init ranks chosen above rejected; ties 1/2), "
-                           "reward_margin, dpo_loss (lower is better), logp_accuracy / logp_per_token_accuracy (the "
-                           "model's own log-prob, summed / per token, ranks chosen above rejected), "
-                           "chosen_logp_per_token (mean per-token log-likelihood of the chosen responses)")
-    patience: int = _f(1, "with loop.select=best: stop after this many iterations in a row without a better "
-                          "validation metric (0: never stop early)")
+                              "logp_per_token_accuracy", "chosen_logp_per_token", "logp_margin",
+                              "logp_per_token_margin"] = _f(
+        "reward_margin", "validation metric for loop.select=best and loop.patience, on the held-out seed pairs "
+                         "(default chosen leaving one task out over the built-in tasks, benchmarks/"
+                         "selection_study.py): reward_margin (mean implicit-reward margin, chosen minus rejected, "
+                         "reference pi_init), reward_accuracy (that reward ranks chosen above rejected; ties 1/2), "
+                         "dpo_loss (lower is better), logp_accuracy / logp_per_token_accuracy (the model's own "
+                         "log-prob, summed / per token, ranks chosen above rejected), logp_margin / "
+                         "logp_per_token_margin (the chosen minus the rejected log-prob, summed / per token), "
+                         "chosen_logp_per_token (mean per-token log-likelihood of the chosen responses; DPO lowers "
+                         "it as it trains, whatever the quality)")
+    selection_confidence: float = _f(
+        0.9, "how sure the paired bootstrap over the held-out pairs must be that an iteration validates worse than the "
+             "best before loop.select=best passes it over (or loop.patience counts it); in (0.5, 1); 0.5 returns "
+             "the best mean")
+    patience: int = _f(0, "with loop.select=best: stop after this many iterations in a row that each validate worse "
+                          "than the best iteration beyond the noise (loop.selection_confidence); 0 (default): never "
+                          "stop early")
 
 
 @dataclass
@@ -615,6 +627,8 @@ def _validate(c: Config) -> None:
            "dlma needs judge.type: contrastive (the margin is DLMA's self-reward)")
     _check(c.loop.iterations >= 0, "loop.iterations", "must be >= 0")
     _check(c.loop.patience >= 0, "loop.patience", "must be >= 0 (0: never stop early)")
+    _check(0.5 <= c.loop.selection_confidence < 1, "loop.selection_confidence",
+           f"must be in [0.5, 1), got {c.loop.selection_confidence}")
     e = c.eval
     _check(e.oracle is None or _is_function_spec(e.oracle), "eval.oracle",
            f"must look like 'package.module:function', got {e.oracle!r}")

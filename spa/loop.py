@@ -11,8 +11,10 @@ processes and the main process alone writes the shared files (spa.distributed); 
 process.
 
 The run returns a model chosen on held-out gold validation (spa.validation): with loop.select=best (the default) the
-iteration whose model validates best, DPO on the seed included, stopping after loop.patience iterations without
-improvement; output_dir/selected.json and metrics.json["selected"] say which model and why.
+latest iteration, DPO on the seed included, whose model validates no worse than the best one beyond the noise of the
+held-out pairs; with loop.patience > 0 the loop stops once that many iterations in a row validate worse than the
+best beyond the noise. output_dir/selected.json and metrics.json["selected"] say which model and why, with the
+uncertainty behind the choice. The selection keys (SELECTION_KEYS) may change on a rerun: the choice is made again.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def plan(cfg: Config) -> list[Stage]:
         stages.append(Stage(f"{it}/train", lay.model(i), lambda i=i: run_train(cfg, i), lay.stage_metrics(it, "train"),
                             i))
         if cfg.data.validation_size:
-            stages.append(Stage(f"{it}/validate", lay.validation(i), lambda i=i: run_validate(cfg, i),
+            stages.append(Stage(f"{it}/validate", lay.validation_pairs(i), lambda i=i: run_validate(cfg, i),
                                 lay.validation(i), i))
         if evaluate:
             stages.append(Stage(f"{it}/eval", lay.eval(eval_name(i)), lambda i=i: run_eval(cfg, i), None, i))
@@ -85,6 +87,8 @@ def plan(cfg: Config) -> list[Stage]:
 # Keys added to spa since a run may have been stored, whose default changes what a run does: a stored config that
 # lacks them ran with these values (so a resume with the new defaults is refused, naming the key).
 LEGACY_VALUES = {("data", "validation_size"): 0.0, ("judge", "reference"): "init", ("judge", "token_average"): False}
+# Keys that only choose the model a run returns (and whether it stops early): a rerun may change them.
+SELECTION_KEYS = ("loop.select", "loop.selection_metric", "loop.selection_confidence", "loop.patience")
 
 
 def check_config(cfg: Config) -> None:
@@ -98,22 +102,25 @@ def check_config(cfg: Config) -> None:
         for (section, key), value in LEGACY_VALUES.items():
             if isinstance(stored.get(section), dict) and key not in stored[section]:
                 stored[section][key] = value
-        if isinstance(stored.get("loop"), dict) and "select" not in stored["loop"]:
-            # made before selection existed: without validation pairs the loop.select/patience keys change nothing
-            stored["loop"].update({k: v for k, v in mine["loop"].items() if k in ("select", "selection_metric",
-                                                                                  "patience")})
         try:  # a key added to spa since the run was made counts as its default (defaults keep old behaviour)
             stored = Config.from_dict(stored, source=lay.config).to_dict()
         except ConfigError:  # a key since removed or renamed: compare as stored, so the diff names it
             pass
         stored.pop("output_dir", None)
         changes = diff(stored, mine)
+        # the choice of the returned model reads the stages' outputs and writes none: it may change on a rerun
+        selection = [c for c in changes if c.split(":")[0] in SELECTION_KEYS]
+        changes = [c for c in changes if c not in selection]
         old_n, new_n = stored.get("loop", {}).get("iterations"), mine["loop"]["iterations"]
-        if changes == [f"loop.iterations: {old_n!r} -> {new_n!r}"] and isinstance(old_n, int) and new_n > old_n:
+        more = (changes == [f"loop.iterations: {old_n!r} -> {new_n!r}"] and isinstance(old_n, int) and new_n > old_n)
+        if more:
             # more iterations: nothing done so far depends on their number (each iteration's prompts are its own
             # slice of the pool, or its own file), so the run goes on from where it ended
             logger.info("%s: extending the run from %d to %d iterations (loop.iterations)", cfg.output_dir, old_n,
                         new_n)
+        if selection and (more or not changes):
+            logger.info("%s: the returned model is chosen again with %s", cfg.output_dir, "; ".join(selection))
+        if more or (selection and not changes):
             atomic_write_text(lay.config, cfg.to_yaml())
             return
         if changes:
@@ -206,10 +213,12 @@ def _run_locked(cfg: Config, stages: list[Stage], until: str | None) -> dict:
             selection = dist.broadcast(dist.agree(
                 lambda i=stage.iteration: select_iteration(cfg, i) if dist.is_main() else None, "the selection"))
             if selection.rule == "best" and selection.iteration != stage.iteration:
-                logger.warning("iter_%d validates no better than iter_%d (%s %.3f vs %.3f on the held-out gold "
-                               "pairs)",
-                               stage.iteration, selection.iteration, selection.metric,
-                               selection.values[str(stage.iteration)], selection.value)
+                i = str(stage.iteration)
+                logger.warning("iter_%s validates worse than iter_%d beyond the noise (%s %.3f ± %.3f vs %.3f ± %.3f "
+                               "on %d held-out gold pairs; P(worse) %.2f >= %s)", i, selection.best,
+                               selection.metric, selection.values[i], selection.standard_errors[i],
+                               selection.values[str(selection.best)], selection.standard_errors[str(selection.best)],
+                               selection.pairs, selection.worse_probability[i], selection.confidence)
             if selection.stopped_early:
                 break
         if stage.name == until:

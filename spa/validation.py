@@ -177,13 +177,56 @@ def model_validation(model, reference, enc: data_mod.PromptEncoder, rows: list[d
 
 
 @dataclass
+class Choice:
+    iteration: int  # the one returned
+    best: int  # the one with the best mean
+    worse: dict[int, float]  # iteration -> paired-bootstrap probability that it validates worse than the reference
+    stop: bool  # the last `patience` iterations each validate worse than the best beyond the noise
+
+
+def choose_iteration(values: dict[int, torch.Tensor], confidence: float, lower_is_better: bool = False,
+                     patience: int = 0, iterations: int | None = None, against: str = "best",
+                     resamples: int = 2000) -> Choice:
+    """The noise-aware choice among validated iterations. values: iteration -> the per-pair values of the selection
+    metric on the same held-out pairs. An iteration counts as worse than another only when a paired bootstrap over
+    the pairs says so with probability >= confidence; the choice is the latest iteration not worse than `against`
+    ("best": the iteration with the best mean, ties to the earlier; "seed": iteration 0), so a later iteration is
+    never passed over on a difference inside the noise. stop: patience > 0, iterations remain, and each of the last
+    `patience` iterations is worse than the best beyond the noise (evidence that the loop got worse, not a lack of
+    evidence that it got better). A non-finite mean never wins and is never returned while another is finite."""
+    its = sorted(values)
+    sign = -1.0 if lower_is_better else 1.0
+    means = {i: sign * values[i].mean().item() for i in its}
+    finite = [i for i in its if math.isfinite(means[i])] or its
+    best = max(finite, key=lambda i: (means[i], -i))
+    idx = bootstrap_indices(len(values[best]), resamples)
+
+    def worse_than(ref: int) -> dict[int, float]:
+        return {i: 0.0 if i == ref else 1.0 if i not in finite else
+                worse_probability(values[i], values[ref], idx, lower_is_better) for i in its}
+
+    to_best = worse_than(best)
+    ref = best if against == "best" else its[0]
+    worse = to_best if ref == best else worse_than(ref)
+    chosen = max(i for i in finite if worse[i] < confidence or i == ref)
+    stop = (patience > 0 and len(its) > patience and (iterations is None or its[-1] < iterations)
+            and all(to_best[i] >= confidence for i in its[-patience:]))
+    return Choice(chosen, best, worse, stop)
+
+
+@dataclass
 class Selection:
     iteration: int  # the returned model is iter_<iteration>/model
     model: str
     rule: str  # "best" or "last"
     metric: str | None
-    value: float | None
+    value: float | None  # the returned iteration's validation metric
     values: dict[str, float]  # iteration -> validation metric, for every validated iteration
+    standard_errors: dict[str, float]  # iteration -> its bootstrap standard error
+    worse_probability: dict[str, float]  # iteration -> P(it validates worse than the best one), paired bootstrap
+    confidence: float | None  # loop.selection_confidence
+    best: int | None  # the iteration with the best validation mean
+    pairs: int | None  # held-out gold pairs behind the numbers
     stopped_early: bool
     reason: str  # one line a user can read
 
@@ -195,49 +238,49 @@ def model_label(iteration: int) -> str:
     return "DPO on seed" if iteration == 0 else f"SPA iter {iteration}"
 
 
-def choose_iteration(values: dict[int, float], patience: int, lower_is_better: bool = False,
-                     iterations: int | None = None) -> tuple[int, bool]:
-    """(best iteration, whether to stop after the last one in `values`): the best value, ties to the earlier
-    iteration; stop when the last `patience` iterations (> 0) brought no better value and iterations remain."""
-    sign = -1.0 if lower_is_better else 1.0
-    finite = [i for i in values if math.isfinite(values[i])] or list(values)  # a NaN metric never wins
-    best = max(finite, key=lambda i: (sign * values[i], -i))
-    last = max(values)
-    stopped = patience > 0 and last - best >= patience and (iterations is None or last < iterations)
-    return best, stopped
-
-
 def select_iteration(cfg, last: int) -> Selection:
     """The model the run returns after iterations 0..last are done (validated when loop.select=best), and whether
-    the loop stops early there (loop.patience iterations in a row without a better validation metric)."""
+    the loop stops early there (choose_iteration with loop.selection_metric, loop.selection_confidence and
+    loop.patience, on the per-pair values of iter_<i>/validation_pairs.json)."""
     lay = Layout(cfg.output_dir)
     lp = cfg.loop
-    key = f"val/{lp.selection_metric}"
     values = {}
-    for i in range(last + 1):
-        path = lay.validation(i) if lp.select == "best" else ""
-        if os.path.exists(path):
-            values[i] = read_json(path)[key]
+    if lp.select == "best":
+        for i in range(last + 1):
+            if os.path.exists(lay.validation_pairs(i)):
+                values[i] = pair_values(read_json(lay.validation_pairs(i)), lp.selection_metric, cfg.train.beta)
     if not values:
         why = ("loop.select=last" if lp.select == "last" else "no validation pairs (data.validation_size=0)"
                if cfg.data.validation_size == 0 else "no validate stage has run")
-        return Selection(last, lay.model(last), "last", None, None, {}, False,
+        return Selection(last, lay.model(last), "last", None, None, {}, {}, {}, None, None, None, False,
                          f"returns iter_{last}/model ({model_label(last)}), the last iteration ({why})")
-    best, stopped = choose_iteration(values, lp.patience, lp.selection_metric in LOWER_IS_BETTER, lp.iterations)
-    since = last - best
-    v = read_json(lay.validation(best))
-    ci = f" (95% CI {v[key + '_ci_low']:.2f}-{v[key + '_ci_high']:.2f})" if key + "_ci_low" in v else ""
-    reason = (f"returns iter_{best}/model ({model_label(best)}): the best validation {lp.selection_metric} "
-              f"{values[best]:.3f}{ci} on {v['val/reward_accuracy_pairs']} held-out gold pairs among iterations "
-              f"0-{last} (" + ", ".join(f"{i}: {x:.3f}" for i, x in values.items()) + ")")
-    if stopped:
-        reason += f"; stopped after iteration {last}: {since} iteration(s) without improvement (loop.patience)"
-    return Selection(best, lay.model(best), "best", lp.selection_metric, values[best],
-                     {str(i): x for i, x in values.items()}, stopped, reason)
+    low = lp.selection_metric in LOWER_IS_BETTER
+    ch = choose_iteration(values, lp.selection_confidence, low, lp.patience, lp.iterations)
+    idx = bootstrap_indices(len(values[ch.best]))
+    means = {i: v.mean().item() for i, v in values.items()}
+    ses = {i: standard_error(v, idx) for i, v in values.items()}
+    show = lambda i: f"{means[i]:.3f} ± {ses[i]:.3f}"
+    pick, pairs = ch.iteration, len(values[ch.best])
+    if pick == ch.best:
+        why = f"the best validation {lp.selection_metric}, {show(pick)}"
+    else:
+        why = (f"the latest iteration whose validation {lp.selection_metric}, {show(pick)}, is not worse than the "
+               f"best (iter_{ch.best}: {show(ch.best)}) beyond the noise (P(worse) {ch.worse[pick]:.2f} < "
+               f"{lp.selection_confidence})")
+    later = [i for i in values if i > pick]
+    if later:
+        why += "; " + ", ".join(f"iter_{i} is worse with P {ch.worse[i]:.2f}" for i in later)
+    reason = (f"returns iter_{pick}/model ({model_label(pick)}): {why}, on {pairs} held-out gold pairs (mean ± "
+              "bootstrap SE per iteration: " + ", ".join(f"{i}: {show(i)}" for i in values) + ")")
+    if ch.stop:
+        reason += (f"; stopped after iteration {last}: the last {lp.patience} iteration(s) validate worse than "
+                   f"iter_{ch.best} with P >= {lp.selection_confidence} (loop.patience)")
+    key = lambda d: {str(i): x for i, x in d.items()}
+    return Selection(pick, lay.model(pick), "best", lp.selection_metric, means[pick], key(means), key(ses),
+                     key(ch.worse), lp.selection_confidence, ch.best, pairs, ch.stop, reason)
 
 
 __all__ = ["wilson_interval", "agreement", "validation_rows", "judge_validation", "warn_if_uninformative",
            "warn_if_length_decides", "PAIR_METRICS", "LOWER_IS_BETTER", "pair_values", "bootstrap_indices",
            "standard_error", "worse_probability", "validation_scores", "validation_metrics", "model_validation",
-           "Selection",
-           "choose_iteration", "select_iteration"]
+           "Choice", "choose_iteration", "Selection", "select_iteration"]

@@ -17,10 +17,10 @@ logger = logging.getLogger("spa")
 
 
 def run_validate(cfg, iteration: int) -> str:
-    """Measures iteration i's model on the held-out gold pairs; returns iter_<i>/validation.json."""
+    """Measures iteration i's model on the held-out gold pairs; returns iter_<i>/validation_pairs.json."""
     lay = Layout(cfg.output_dir)
     if not dist.is_main():  # a few hundred held-out pairs: the main process alone scores them
-        return lay.validation(iteration)
+        return lay.validation_pairs(iteration)
     device = resolve_device(cfg.model.device)
     path = lay.model(iteration)
     tok = load_tokenizer(path, cfg.model.trust_remote_code)
@@ -33,9 +33,9 @@ def run_validate(cfg, iteration: int) -> str:
     reference = reference_model(cfg, model, init_model_path(cfg), device)
     scores = validation_scores(model, reference, enc, rows, cfg.judge.batch_size, kernel_impl(cfg))
     metrics = validation_metrics(scores, cfg.train.beta)
-    atomic_write_json(lay.validation_pairs(iteration), scores)  # before validation.json, the stage's done mark
-    out = lay.validation(iteration)
-    atomic_write_json(out, metrics)
+    atomic_write_json(lay.validation(iteration), metrics)
+    out = lay.validation_pairs(iteration)
+    atomic_write_json(out, scores)  # last: the stage's done mark (a run validated without it is validated again)
     m = metrics
     logger.info("validate iter %d: reward accuracy %.3f (95%% CI %.2f-%.2f) on %d held-out gold pairs, margin %.3f",
                 iteration, m["val/reward_accuracy"], m["val/reward_accuracy_ci_low"],

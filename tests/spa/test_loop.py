@@ -58,10 +58,12 @@ def test_loop_end_to_end(uninterrupted, capsys):
     assert sel == read_json(lay.selected) and sel["rule"] == "best" and sel["stopped_early"] is False
     metric = f"val/{cfg.loop.selection_metric}"
     values = {str(i): read_json(lay.validation(i))[metric] for i in (0, 1)}
+    assert sel["values"] == pytest.approx(values) and set(sel["worse_probability"]) == {"0", "1"}
     best = max((0, 1), key=lambda i: (values[str(i)], -i))
-    assert sel["values"] == values and sel["iteration"] == best and sel["model"] == lay.model(best)
+    pick = 1 if sel["worse_probability"]["1"] < cfg.loop.selection_confidence else 0  # the latest within the noise
+    assert sel["best"] == best and sel["iteration"] == pick and sel["model"] == lay.model(pick)
     table = results_table(cfg.output_dir, 1)
-    assert [r["model"] for r in table if r["selected"]] == [["DPO on seed", "SPA iter 1"][best]]
+    assert [r["model"] for r in table if r["selected"]] == [["DPO on seed", "SPA iter 1"][pick]]
     # a rerun that stops early (--until) keeps the choice made over every iteration
     spa.run(cfg, until="iter_0/eval")  # iteration 0 complete: a choice among iteration 0 alone would be stale
     assert read_json(lay.selected) == sel
@@ -118,26 +120,34 @@ def test_validation_values(uninterrupted):
 
 
 def test_early_stop_returns_the_best_iteration(task, tmp_path, monkeypatch):
-    """With validation getting worse after iteration 0, the loop stops after iteration 1 (loop.patience 1) and
-    returns DPO on the seed; with loop.select=last it runs every iteration and returns the last."""
+    """With iteration 1 validating worse than iteration 0 beyond the noise (every held-out pair flips), the loop stops
+    after iteration 1 (loop.patience 1) and returns DPO on the seed; with loop.select=last it runs every iteration
+    and returns the last."""
     import spa.loop
     from spa.io import atomic_write_json
 
-    def fake_validate(cfg, i):  # iteration 0 validates best
-        out = Layout(cfg.output_dir).validation(i)
-        atomic_write_json(out, {"val/reward_accuracy": 0.8 - 0.1 * i, "val/reward_accuracy_ci_low": 0.5,
-                                "val/reward_accuracy_ci_high": 0.9, "val/reward_accuracy_pairs": 4})
-        return out
+    def fake_validate(cfg, i):  # iteration 0 ranks all 4 pairs right, iteration 1 all wrong
+        lay = Layout(cfg.output_dir)
+        good, bad = [-1.0] * 4, [-3.0] * 4
+        scores = {"id": list("abcd"), "logp_chosen": bad if i else good, "logp_rejected": good if i else bad,
+                  "ref_logp_chosen": [-2.0] * 4, "ref_logp_rejected": [-2.0] * 4, "tokens_chosen": [2] * 4,
+                  "tokens_rejected": [2] * 4}
+        atomic_write_json(lay.validation(i), {"val/reward_accuracy": 0.0 if i else 1.0})
+        atomic_write_json(lay.validation_pairs(i), scores)
+        return lay.validation_pairs(i)
 
     monkeypatch.setattr(spa.loop, "run_validate", fake_validate)
     settings = tiny_settings(task, str(tmp_path / "best"))
-    settings["loop"] = {"iterations": 2, "selection_metric": "reward_accuracy"}
+    settings["loop"] = {"iterations": 2, "selection_metric": "reward_accuracy", "patience": 1}
     settings["eval"] = {}  # no eval stages: faster
     metrics = spa.run(Config.from_dict(settings))
     assert list(metrics["stages"]) == ["sft", "iter_0/train", "iter_0/validate", "iter_1/generate", "iter_1/judge",
                                        "iter_1/train", "iter_1/validate"]  # iteration 2 never ran
     assert metrics["selected"]["iteration"] == 0 and metrics["selected"]["stopped_early"] is True
-    assert "returns iter_0/model (DPO on seed)" in metrics["selected"]["reason"]
+    assert metrics["selected"]["reason"].startswith("returns iter_0/model (DPO on seed): the best validation "
+                                                    "reward_accuracy, 1.000 ± 0.000; iter_1 is worse with P 1.00")
+    assert "stopped after iteration 1: the last 1 iteration(s) validate worse than iter_0" in \
+        metrics["selected"]["reason"]
     # a rerun replays the decision without running anything
     assert spa.run(Config.from_dict(settings))["selected"] == metrics["selected"]
     settings["output_dir"] = str(tmp_path / "last")
@@ -157,10 +167,10 @@ def test_single_stages_from_the_cli(uninterrupted, tmp_path):
     assert read_jsonl(lay.pairs(1)) == pairs  # the same pairs again: the judge is deterministic
     assert main(["eval", str(path), "--sft"]) == 0  # done already: nothing to do
     assert main(["judge", str(path), "--iteration", "5"]) == 2  # no such stage in the plan
-    val = read_json(lay.validation(1))
-    os.remove(lay.validation(1))
+    val, per_pair = read_json(lay.validation(1)), read_json(lay.validation_pairs(1))
+    os.remove(lay.validation_pairs(1))  # the stage's done mark: without it the stage runs again
     assert main(["validate", str(path), "--iteration", "1"]) == 0
-    assert read_json(lay.validation(1)) == val
+    assert read_json(lay.validation(1)) == val and read_json(lay.validation_pairs(1)) == per_pair
 
 
 def test_a_stage_alone_before_its_inputs_is_a_one_line_error(run_with_sft, task, tmp_path, capsys):
@@ -223,7 +233,7 @@ def test_config_stored_by_an_older_spa(uninterrupted, tmp_path):
     # a run made before held-out validation existed trained on the whole seed: resuming it with validation would
     # change its data, so the refusal names the key
     del stored["data"]["validation_size"]
-    for key in ("select", "selection_metric", "patience"):
+    for key in ("select", "selection_metric", "selection_confidence", "patience"):
         del stored["loop"][key]
     with open(Layout(cfg.output_dir).config, "w") as f:
         yaml.safe_dump(stored, f)
@@ -243,7 +253,7 @@ def test_a_finished_run_extends_to_more_iterations(run_with_sft, caplog):
     byte for byte, the new one runs, the stored config and the selection follow; fewer iterations are refused."""
     import logging
 
-    cfg = run_with_sft.replace(**{"loop.patience": 5})  # no early stop: iteration 2 runs whatever 1 validated
+    cfg = run_with_sft
     lay = Layout(cfg.output_dir)
     spa.run(cfg)
     before = {p: open(p, "rb").read() for p in (lay.pairs(1), os.path.join(lay.model(1), "model.safetensors"),

@@ -60,43 +60,102 @@ def test_warning_when_length_decides_the_judgment(caplog):
     assert warn_if_length_decides(None, 0, 1) is None
 
 
-def _validated(tmp_path, values: list[float], metric="reward_accuracy", **loop) -> Config:
-    cfg = Config.from_dict({"output_dir": str(tmp_path), "loop": {"iterations": 3, "selection_metric": metric,
-                                                                  **loop}})
+def _scores(chosen: list[float], rejected: list[float]) -> dict:
+    """validation_pairs.json content: summed log-probs under the model, pi_init at 0, one token per response (so
+    reward_margin = 0.1 * (chosen - rejected) per pair)."""
+    n = len(chosen)
+    return {"id": [str(k) for k in range(n)], "logp_chosen": chosen, "logp_rejected": rejected,
+            "ref_logp_chosen": [0.0] * n, "ref_logp_rejected": [0.0] * n, "tokens_chosen": [1] * n,
+            "tokens_rejected": [1] * n}
+
+
+def _validated(tmp_path, per_iteration: list[dict], **loop) -> Config:
+    cfg = Config.from_dict({"output_dir": str(tmp_path), "loop": {"iterations": 3, **loop}})
     lay = Layout(cfg.output_dir)
-    for i, v in enumerate(values):
+    for i, scores in enumerate(per_iteration):
         os.makedirs(lay.iter_dir(i), exist_ok=True)
-        with open(lay.validation(i), "w") as f:
-            json.dump({f"val/{metric}": v, "val/reward_accuracy": v, "val/reward_accuracy_ci_low": v - 0.1,
-                       "val/reward_accuracy_ci_high": v + 0.1, "val/reward_accuracy_pairs": 40}, f)
+        with open(lay.validation_pairs(i), "w") as f:
+            json.dump(scores, f)
     return cfg
 
 
-def test_select_best_iteration_and_stop_early(tmp_path):
-    cfg = _validated(tmp_path, [0.7, 0.75, 0.6])
-    sel = select_iteration(cfg, 1)
-    assert (sel.iteration, sel.value, sel.stopped_early) == (1, 0.75, False)
-    sel = select_iteration(cfg, 2)  # iteration 2 is worse than 1: one iteration without improvement = patience 1
-    assert (sel.iteration, sel.stopped_early, sel.model) == (1, True, Layout(cfg.output_dir).model(1))
-    assert sel.values == {"0": 0.7, "1": 0.75, "2": 0.6}
-    assert sel.reason == ("returns iter_1/model (SPA iter 1): the best validation reward_accuracy 0.750 (95% CI "
-                          "0.65-0.85) on 40 held-out gold pairs among iterations 0-2 (0: 0.700, 1: 0.750, 2: 0.600); "
-                          "stopped after iteration 2: 1 iteration(s) without improvement (loop.patience)")
-    assert select_iteration(cfg.replace(**{"loop.patience": 2}), 2).stopped_early is False
-    assert select_iteration(cfg.replace(**{"loop.patience": 0}), 2).stopped_early is False
+def _exact_worse_probability(diffs: list[int]) -> float:
+    """P(the mean of a bootstrap resample of diffs (each -1, 0 or +1) is < 0) + P(= 0) / 2, exactly (multinomial)."""
+    from math import comb
+
+    n, neg, pos = len(diffs), diffs.count(-1) / len(diffs), diffs.count(1) / len(diffs)
+    total = 0.0
+    for a in range(n + 1):  # a draws of -1, b of +1, the rest 0
+        for b in range(n + 1 - a):
+            p = comb(n, a) * comb(n - a, b) * neg ** a * pos ** b * (1 - neg - pos) ** (n - a - b)
+            total += p if a > b else p / 2 if a == b else 0.0
+    return total
+
+
+def test_worse_probability_is_the_bootstrap_probability():
+    import torch
+
+    diffs = [-1, -1, 1] + [0] * 17  # iteration 2 loses 2 pairs iteration 1 won, wins 1 it lost
+    v1 = torch.tensor([1.0] * 15 + [0.0] * 5, dtype=torch.float64)
+    v2 = v1 + torch.tensor(diffs[:2] + [0.0] * 13 + diffs[2:3] + [0.0] * 4, dtype=torch.float64)
+    d = (v2 - v1).tolist()
+    exact = _exact_worse_probability([int(x) for x in d])
+    assert exact == pytest.approx(0.7135, abs=1e-3)  # worse in the mean, but inside the noise
+    got = worse_probability(v2, v1, bootstrap_indices(20, resamples=20000), lower_is_better=False)
+    assert got == pytest.approx(exact, abs=0.01)
+
+
+def test_choose_the_latest_iteration_within_the_noise():
+    import torch
+
+    t = lambda xs: torch.tensor(xs, dtype=torch.float64)
+    v0 = t([1.0] * 12 + [0.0] * 8)
+    v1 = t([1.0] * 15 + [0.0] * 5)  # the best mean
+    v2 = t([0.0, 0.0] + [1.0] * 13 + [1.0] + [0.0] * 4)  # 14 of 20: worse than v1 with P 0.71 (see above)
+    ch = choose_iteration({0: v0, 1: v1, 2: v2}, confidence=0.9)
+    assert (ch.iteration, ch.best, ch.stop) == (2, 1, False) and ch.worse[1] == 0.0
+    assert ch.worse[2] == pytest.approx(0.7135, abs=0.03)
+    assert ch.worse[0] > 0.9  # v0 loses 3 pairs v1 wins and wins none
+    assert choose_iteration({0: v0, 1: v1, 2: v2}, confidence=0.5).iteration == 1  # 0.5: the best mean
+    flipped = 1.0 - v1  # every pair reversed: 15 of v1's wins lost, 5 of its losses won
+    ch = choose_iteration({0: v0, 1: v1, 2: flipped}, confidence=0.9, patience=1, iterations=3)
+    assert (ch.iteration, ch.stop) == (1, True) and ch.worse[2] > 0.98
+    assert not choose_iteration({0: v0, 1: v1, 2: flipped}, 0.9, patience=1, iterations=2).stop  # none remain
+    assert not choose_iteration({0: v0, 1: v1, 2: flipped}, 0.9, patience=2, iterations=3).stop  # one, not two
+    assert choose_iteration({0: v0, 1: flipped, 2: flipped}, 0.9, patience=2, iterations=3).stop
+    # the DPO loss: lower is better
+    loss = choose_iteration({0: t([0.5, 0.6]), 1: t([0.3, 0.4]), 2: t([0.9, 1.0])}, 0.9, lower_is_better=True)
+    assert (loss.iteration, loss.best) == (1, 1) and loss.worse[2] == 1.0 and loss.worse[0] == 1.0
+    # a NaN mean never wins and is never returned
+    nan = choose_iteration({0: t([0.5, 0.6]), 1: t([float("nan"), 0.6])}, 0.9)
+    assert (nan.iteration, nan.best, nan.worse[1]) == (0, 0, 1.0)
+    # against the seed: the latest iteration not worse than DPO on the seed
+    seed = choose_iteration({0: v0, 1: v1, 2: flipped}, 0.9, against="seed")
+    assert seed.iteration == 1 and seed.worse[2] > 0.9 and seed.worse[0] == 0.0
+
+
+def test_select_iteration_from_the_validation_files(tmp_path):
+    # iteration 1 best by reward margin; iteration 2 a bit lower, inside the noise of 5 pairs
+    its = [_scores([1.0, 2.0, 0.0, 1.0, 1.0], [0.0] * 5), _scores([3.0, 4.0, 2.0, 3.0, 3.0], [0.0] * 5),
+           _scores([3.0, 3.0, 2.0, 4.0, 2.5], [0.0] * 5)]
+    cfg = _validated(tmp_path, its, selection_metric="reward_margin")
+    sel = select_iteration(cfg, 2)
+    assert (sel.iteration, sel.best, sel.rule, sel.metric, sel.pairs) == (2, 1, "best", "reward_margin", 5)
+    assert sel.values == pytest.approx({"0": 0.1, "1": 0.3, "2": 0.29}) and sel.value == pytest.approx(0.29)
+    assert sel.model == Layout(cfg.output_dir).model(2) and sel.confidence == 0.9 and not sel.stopped_early
+    assert set(sel.standard_errors) == {"0", "1", "2"} and sel.worse_probability["0"] == 1.0
+    assert sel.reason.startswith(
+        "returns iter_2/model (SPA iter 2): the latest iteration whose validation reward_margin, 0.290 ± 0.0")
+    assert "is not worse than the best (iter_1: 0.300 ± 0.0" in sel.reason and "on 5 held-out gold pairs" in sel.reason
+    # the metric is read from the configured key: by accuracy, iterations 1 and 2 rank all 5 pairs right, iteration 0
+    # ties one (0 vs 0: 1/2)
+    acc = select_iteration(cfg.replace(**{"loop.selection_metric": "reward_accuracy"}), 2)
+    assert acc.values == {"0": 0.9, "1": 1.0, "2": 1.0} and (acc.iteration, acc.best) == (2, 1)
+    # chosen_logp_per_token: iteration 1's chosen responses are the likeliest by far
+    likely = select_iteration(cfg.replace(**{"loop.selection_metric": "chosen_logp_per_token"}), 2)
+    assert likely.values == pytest.approx({"0": 1.0, "1": 3.0, "2": 2.9}) and likely.best == 1
     last = select_iteration(cfg.replace(**{"loop.select": "last"}), 2)
     assert (last.iteration, last.rule, last.stopped_early) == (2, "last", False)
-
-
-def test_select_ties_and_lower_is_better(tmp_path):
-    assert select_iteration(_validated(tmp_path / "a", [0.7, 0.7, 0.7]), 2).iteration == 0  # ties: the earlier
-    loss = _validated(tmp_path / "b", [0.5, 0.4, 0.45], metric="dpo_loss", patience=0)
-    assert select_iteration(loss, 2).iteration == 1  # the DPO loss: lower is better
-    assert choose_iteration({0: 0.5, 1: float("nan"), 2: 0.4}, 0) == (0, False)  # NaN never wins
-    assert choose_iteration({0: 0.7, 1: 0.6, 2: 0.5, 3: 0.4}, 1, iterations=3) == (0, False)  # the last: no stop
-    assert choose_iteration({0: 0.7, 1: 0.6}, 1, iterations=3) == (0, True)
-    margin = _validated(tmp_path / "c", [0.1, 0.3, 0.2], metric="reward_margin", patience=0)
-    assert select_iteration(margin, 2).iteration == 1
     none = select_iteration(Config.from_dict({"output_dir": str(tmp_path / "d"),
                                               "data": {"validation_size": 0}}), 1)
     assert none.iteration == 1 and "no validation pairs" in none.reason
